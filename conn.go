@@ -1,0 +1,620 @@
+package noisetor
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flynn/noise"
+)
+
+// A ConnectionState describes an established connection.
+type ConnectionState struct {
+	// HandshakeComplete is true once the handshake has succeeded.
+	HandshakeComplete bool
+	// Initiator is true on the side that dialed.
+	Initiator bool
+	// Peer is the keyring entry of the other side: its Name and PublicKey are
+	// authenticated by the handshake.
+	Peer Peer
+	// Pattern and CipherSuite are those of the handshake; Curve is the DH
+	// function of both static keys.
+	Pattern     Pattern
+	CipherSuite CipherSuite
+	Curve       Curve
+	// HandshakeHash is the Noise handshake hash h, equal on both sides and
+	// unique to this session: use it for channel binding.
+	HandshakeHash []byte
+}
+
+// A Conn is a noisetor connection: a Noise session over an underlying
+// net.Conn. It implements net.Conn. Read and Write may be called concurrently
+// with each other, and Close from any goroutine. The handshake runs on the
+// first Read or Write unless HandshakeContext is called first.
+type Conn struct {
+	conn     net.Conn
+	cfg      *Config
+	isClient bool
+	addr     string // the dialed address, for logs
+
+	// Set before the handshake by HandshakeInitiate/Respond and the Listener.
+	ephemeral    *PrivateKey
+	remoteStatic PublicKey
+	replay       *replayCache
+	dhGate       func(context.Context) (release func(), err error)
+
+	handshakeMu   sync.Mutex
+	handshakeDone atomic.Bool
+	handshakeErr  error
+	state         ConnectionState // final once handshakeDone
+
+	readDeadline  atomic.Int64 // UnixNano, 0 = none
+	writeDeadline atomic.Int64
+
+	// activeCall counts Writes in flight (in steps of 2); bit 0 is set once
+	// Close has begun. As in crypto/tls, a Close that races a Write only
+	// closes the socket instead of queueing a close record behind the Write.
+	activeCall atomic.Int32
+
+	in  inState
+	out outState
+}
+
+// halfState is the cipher state of one direction.
+type halfState struct {
+	cs        *noise.CipherState
+	bytes     int64 // ciphertext bytes since the last rekey
+	rekeyedAt time.Time
+}
+
+func newHalfState(cs *noise.CipherState) *halfState {
+	return &halfState{cs: cs, rekeyedAt: time.Now()}
+}
+
+// seal appends one frame: length, then the AEAD of typ || body, sealed in place.
+func (h *halfState) seal(out []byte, typ byte, body []byte) []byte {
+	start := len(out)
+	out = append(out, 0, 0, typ)
+	out = append(out, body...)
+	// Encrypt fails only once the nonce passes 2^64-2: 2^64 frames, which no
+	// connection can send (centuries at a billion frames a second).
+	out, err := h.cs.Encrypt(out[:start+frameHeader], nil, out[start+frameHeader:])
+	if err != nil {
+		panic("noisetor: nonce space exhausted")
+	}
+	n := len(out) - start - frameHeader
+	binary.BigEndian.PutUint16(out[start:], uint16(n))
+	h.bytes += int64(n)
+	return out
+}
+
+// open authenticates and decrypts a frame in place.
+func (h *halfState) open(dst, frame []byte) (typ byte, body []byte, err error) {
+	pt, err := h.cs.Decrypt(dst, nil, frame)
+	if err != nil || len(pt) == 0 {
+		return 0, nil, fmt.Errorf("%w: frame failed to authenticate", ErrFrame)
+	}
+	h.bytes += int64(len(frame))
+	return pt[0], pt[1:], nil
+}
+
+// rekey replaces the key as Noise §11.3 specifies: k = ENCRYPT(k, 2^64-1, "", zeros)[:32].
+func (h *halfState) rekey() {
+	h.cs.Rekey()
+	h.bytes = 0
+	h.rekeyedAt = time.Now()
+}
+
+type inState struct {
+	mu     sync.Mutex
+	half   *halfState
+	hdr    [frameHeader]byte
+	hdrN   int
+	buf    *[maxMessage]byte // pooled; held only while a frame is in flight or unread
+	frameN int
+	plain  []byte // decrypted data not yet returned
+	err    error  // sticky
+}
+
+type outState struct {
+	mu        sync.Mutex
+	half      *halfState
+	pending   *[]byte // sealed bytes a timed-out Write left unsent
+	pendingAt int
+	closed    bool // close record sent
+	err       error
+}
+
+var readBufPool = sync.Pool{New: func() any { return new([maxMessage]byte) }}
+
+// writeBatch is how many full frames one Write seals before it writes them.
+const writeBatch = 4
+
+var writeBufPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, writeBatch*(frameHeader+maxMessage)+64)
+	return &b
+}}
+
+// Client returns a new client-side (initiator) connection over conn that
+// authenticates the keyring peer named peer. The handshake runs on first use
+// or on HandshakeContext.
+func Client(conn net.Conn, cfg *Config, peer string) *Conn {
+	c := newConn(conn, cfg, true)
+	c.state.Peer.Name = peer
+	return c
+}
+
+// Server returns a new server-side (responder) connection over conn. The
+// caller is authenticated against cfg.Keyring during the handshake.
+func Server(conn net.Conn, cfg *Config) *Conn {
+	return newConn(conn, cfg, false)
+}
+
+func newConn(conn net.Conn, cfg *Config, isClient bool) *Conn {
+	c := &Conn{conn: conn, cfg: cfg, isClient: isClient}
+	c.state.Initiator = isClient
+	if cfg != nil {
+		c.state.Pattern = cfg.patterns()[0]
+		c.state.CipherSuite = cfg.cipherSuites()[0]
+		if cfg.StaticKey != nil {
+			c.state.Curve = cfg.StaticKey.PublicKey().Curve()
+		}
+	}
+	return c
+}
+
+// HandshakeInitiate is the seed API's handshake_initiate(ephemeral,
+// remote_static): it runs the initiator side of a handshake over conn with
+// the given ephemeral key (nil: a fresh one from cfg.Random) against the
+// responder key remoteStatic, which must be in cfg.Keyring. Ordinary callers
+// use Dial or Client; this entry point exists for test vectors and for
+// protocols that must fix the ephemeral key.
+func HandshakeInitiate(ctx context.Context, conn net.Conn, cfg *Config, ephemeral *PrivateKey, remoteStatic PublicKey) (*Conn, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	peer, ok := cfg.Keyring.ByKey(remoteStatic)
+	if !ok {
+		return nil, fmt.Errorf("%w: responder key %v is not in the keyring", ErrUnknownPeer, remoteStatic)
+	}
+	c := Client(conn, cfg, peer.Name)
+	c.ephemeral = ephemeral
+	return c, c.HandshakeContext(ctx)
+}
+
+// HandshakeRespond is the seed API's handshake_respond(ephemeral,
+// remote_static): the responder side over conn with the given ephemeral key
+// (nil: a fresh one). If remoteStatic is not zero, the initiator must prove
+// that key; otherwise any keyring peer is accepted. Ordinary callers use
+// Listen or Server.
+func HandshakeRespond(ctx context.Context, conn net.Conn, cfg *Config, ephemeral *PrivateKey, remoteStatic PublicKey) (*Conn, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	c := Server(conn, cfg)
+	c.ephemeral = ephemeral
+	if err := c.HandshakeContext(ctx); err != nil {
+		return c, err
+	}
+	if !remoteStatic.IsZero() && c.state.Peer.PublicKey != remoteStatic {
+		c.Close()
+		return c, fmt.Errorf("%w: initiator is %q, not the expected key %v", ErrUnknownPeer, c.state.Peer.Name, remoteStatic)
+	}
+	return c, nil
+}
+
+// Handshake runs the handshake if it has not run yet; see HandshakeContext.
+func (c *Conn) Handshake() error { return c.HandshakeContext(context.Background()) }
+
+// HandshakeContext runs the handshake if it has not run yet, bounded by ctx and
+// by Config.HandshakeTimeout. Any failure closes the underlying connection:
+// a half-finished Noise state is never reused. Later calls return the first
+// result.
+func (c *Conn) HandshakeContext(ctx context.Context) error {
+	if c.handshakeDone.Load() {
+		return c.handshakeErr
+	}
+	c.handshakeMu.Lock()
+	defer c.handshakeMu.Unlock()
+	if c.handshakeDone.Load() {
+		return c.handshakeErr
+	}
+	start := time.Now()
+	err := c.cfg.check()
+	if err == nil {
+		stop, ctxBound := c.handshakeDeadline(ctx)
+		if c.isClient {
+			err = c.clientHandshake()
+		} else {
+			err = c.serverHandshake(ctx)
+		}
+		stop()
+		if err != nil {
+			cerr := ctx.Err()
+			if cerr == nil && ctxBound && isTimeout(err) {
+				cerr = context.DeadlineExceeded // the socket deadline fired a hair before ctx's timer
+			}
+			if cerr != nil {
+				err = fmt.Errorf("noisetor: handshake abandoned: %w (%v)", cerr, err)
+			}
+		}
+	}
+	if err != nil {
+		c.conn.Close()
+		c.in.half, c.out.half = nil, nil
+	}
+	c.handshakeErr = err
+	c.state.HandshakeComplete = err == nil
+	c.handshakeDone.Store(true)
+	if c.cfg != nil {
+		c.logAttempt(time.Since(start), err)
+	}
+	return err
+}
+
+// ConnectionState returns the state of the connection. Before the handshake
+// completes, only the configured Pattern, CipherSuite and (for a client)
+// Peer.Name are set.
+func (c *Conn) ConnectionState() ConnectionState {
+	c.handshakeMu.Lock()
+	defer c.handshakeMu.Unlock()
+	s := c.state
+	s.HandshakeHash = append([]byte(nil), s.HandshakeHash...)
+	return s
+}
+
+// Read reads application data. After the peer's close record it returns
+// io.EOF; if the stream ends without one (a reset, a truncation) it returns an
+// error that matches io.ErrUnexpectedEOF, so a reader never takes an
+// attacker's cut for the end of the data.
+func (c *Conn) Read(b []byte) (int, error) {
+	if err := c.Handshake(); err != nil {
+		return 0, err
+	}
+	if len(b) == 0 {
+		return 0, nil
+	}
+	c.in.mu.Lock()
+	defer c.in.mu.Unlock()
+	for len(c.in.plain) == 0 {
+		if c.in.err != nil {
+			return 0, c.in.err
+		}
+		if err := c.readRecord(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(b, c.in.plain)
+	c.in.plain = c.in.plain[n:]
+	if len(c.in.plain) == 0 {
+		c.in.releaseBuf()
+	}
+	return n, nil
+}
+
+func (in *inState) releaseBuf() {
+	if in.buf != nil {
+		readBufPool.Put(in.buf)
+		in.buf, in.plain = nil, nil
+	}
+}
+
+// readRecord reads and handles one frame. A timeout leaves the partial frame
+// in place so that the next Read resumes it; any other error is final.
+func (c *Conn) readRecord() error {
+	in := &c.in
+	for in.hdrN < frameHeader {
+		n, err := c.conn.Read(in.hdr[in.hdrN:])
+		in.hdrN += n
+		if err != nil && in.hdrN < frameHeader {
+			return in.readFailed(err)
+		}
+	}
+	size := int(binary.BigEndian.Uint16(in.hdr[:]))
+	if size < aeadOverhead+1 {
+		in.err = fmt.Errorf("%w: %d-byte frame is shorter than the AEAD tag", ErrFrame, size)
+		return in.err
+	}
+	if in.buf == nil {
+		in.buf = readBufPool.Get().(*[maxMessage]byte)
+	}
+	frame := in.buf[:size]
+	for in.frameN < size {
+		n, err := c.conn.Read(frame[in.frameN:])
+		in.frameN += n
+		if err != nil && in.frameN < size {
+			return in.readFailed(err)
+		}
+	}
+	in.hdrN, in.frameN = 0, 0
+	typ, body, err := in.half.open(frame[:0], frame)
+	if err != nil {
+		in.err = err
+		in.releaseBuf()
+		return err
+	}
+	switch {
+	case typ == recordData && len(body) > 0:
+		in.plain = body
+		return nil
+	case typ == recordData:
+	case typ == recordRekey && len(body) == 0:
+		in.half.rekey()
+	case typ == recordClose && len(body) == 0:
+		in.err = io.EOF
+	default:
+		in.err = fmt.Errorf("%w: unexpected record type %d", ErrFrame, typ)
+	}
+	in.releaseBuf()
+	return in.err
+}
+
+func (in *inState) readFailed(err error) error {
+	if isTimeout(err) {
+		return err // resumable: the partial frame stays
+	}
+	in.releaseBuf()
+	if errors.Is(err, io.EOF) {
+		in.err = fmt.Errorf("noisetor: connection ended without a close record: %w", io.ErrUnexpectedEOF)
+	} else {
+		in.err = err
+	}
+	return in.err
+}
+
+// ErrWriteClosed is returned by Write after CloseWrite.
+var ErrWriteClosed = errors.New("noisetor: write after CloseWrite")
+
+// Write writes application data, split into frames of at most 65535 bytes.
+// If the write deadline passes mid-write, Write returns the bytes it has
+// sealed and a timeout error; sealed bytes not yet on the wire stay pending
+// and go out first on the next Write (or Close), so the connection stays
+// usable.
+func (c *Conn) Write(b []byte) (int, error) {
+	for {
+		x := c.activeCall.Load()
+		if x&1 != 0 {
+			return 0, net.ErrClosed
+		}
+		if c.activeCall.CompareAndSwap(x, x+2) {
+			break
+		}
+	}
+	defer c.activeCall.Add(-2)
+	if err := c.Handshake(); err != nil {
+		return 0, err
+	}
+	c.out.mu.Lock()
+	defer c.out.mu.Unlock()
+	if c.out.err != nil {
+		return 0, c.out.err
+	}
+	if c.out.closed {
+		return 0, ErrWriteClosed
+	}
+	if d := c.writeDeadline.Load(); d != 0 && time.Now().UnixNano() >= d {
+		return 0, &net.OpError{Op: "write", Net: "noisetor", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.ErrDeadlineExceeded}
+	}
+	if err := c.flushPending(); err != nil {
+		return 0, err
+	}
+	written := 0
+	for len(b) > 0 {
+		bufp := writeBufPool.Get().(*[]byte)
+		out := (*bufp)[:0]
+		sealed := 0
+		for len(b) > 0 && cap(out)-len(out) >= 2*(frameHeader+maxMessage) {
+			out = c.maybeRekey(out)
+			n := min(len(b), maxPayload)
+			out = c.out.half.seal(out, recordData, b[:n])
+			b, sealed = b[n:], sealed+n
+		}
+		*bufp = out
+		if err := c.writeOut(bufp); err != nil {
+			if isTimeout(err) {
+				// What was sealed is committed: it is pending now.
+				return written + sealed, err
+			}
+			return written, err
+		}
+		written += sealed
+	}
+	return written, nil
+}
+
+// maybeRekey appends a rekey record and switches keys when the current key
+// has protected enough bytes or time (WIRE.md §Rekey).
+func (c *Conn) maybeRekey(out []byte) []byte {
+	h := c.out.half
+	if h.bytes < c.cfg.rekeyAfterBytes() && time.Since(h.rekeyedAt) < c.cfg.rekeyAfter() {
+		return out
+	}
+	out = h.seal(out, recordRekey, nil)
+	h.rekey()
+	return out
+}
+
+// writeOut writes the sealed bytes in *bufp. On a timeout the unwritten rest
+// becomes pending; on any other error the connection is broken for writing.
+// The buffer goes back to the pool once fully written.
+func (c *Conn) writeOut(bufp *[]byte) error {
+	n, err := c.conn.Write(*bufp)
+	if err == nil {
+		writeBufPool.Put(bufp)
+		return nil
+	}
+	if isTimeout(err) {
+		c.out.pending, c.out.pendingAt = bufp, n
+		return err
+	}
+	c.out.err = err
+	return err
+}
+
+func (c *Conn) flushPending() error {
+	p := c.out.pending
+	if p == nil {
+		return nil
+	}
+	n, err := c.conn.Write((*p)[c.out.pendingAt:])
+	c.out.pendingAt += n
+	if err != nil {
+		if !isTimeout(err) {
+			c.out.err = err
+		}
+		return err
+	}
+	c.out.pending = nil
+	writeBufPool.Put(p)
+	return nil
+}
+
+// sendClose flushes pending data and sends the close record once.
+func (c *Conn) sendClose() error {
+	if c.out.err != nil {
+		return c.out.err
+	}
+	if err := c.flushPending(); err != nil {
+		return err
+	}
+	if c.out.closed {
+		return nil
+	}
+	c.out.closed = true
+	bufp := writeBufPool.Get().(*[]byte)
+	*bufp = c.out.half.seal((*bufp)[:0], recordClose, nil)
+	return c.writeOut(bufp)
+}
+
+// CloseWrite sends the close record, after which the peer reads io.EOF, and
+// then half-closes the underlying connection if it supports CloseWrite (as
+// *net.TCPConn does). Reading stays possible.
+func (c *Conn) CloseWrite() error {
+	if err := c.Handshake(); err != nil {
+		return err
+	}
+	c.out.mu.Lock()
+	err := c.sendClose()
+	c.out.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if cw, ok := c.conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// closeRecordTimeout bounds how long Close waits to send the close record to
+// a peer that is not reading.
+const closeRecordTimeout = 5 * time.Second
+
+// Close sends the close record (when no Write is in flight and the handshake
+// has completed) and closes the underlying connection.
+func (c *Conn) Close() error {
+	var x int32
+	for {
+		x = c.activeCall.Load()
+		if x&1 != 0 {
+			return net.ErrClosed
+		}
+		if c.activeCall.CompareAndSwap(x, x|1) {
+			break
+		}
+	}
+	if x != 0 {
+		// A Write is in flight: Close is being used to break it. Don't queue
+		// a close record behind it.
+		return c.conn.Close()
+	}
+	var recordErr error
+	if c.handshakeDone.Load() && c.handshakeErr == nil {
+		c.out.mu.Lock()
+		if c.out.pending != nil || !c.out.closed {
+			c.conn.SetWriteDeadline(time.Now().Add(closeRecordTimeout))
+			recordErr = c.sendClose()
+		}
+		c.out.mu.Unlock()
+	}
+	if err := c.conn.Close(); err != nil {
+		return err
+	}
+	if recordErr != nil && !errors.Is(recordErr, net.ErrClosed) {
+		return fmt.Errorf("noisetor: close record not sent: %w", recordErr)
+	}
+	return nil
+}
+
+// LocalAddr returns the local address of the underlying connection.
+func (c *Conn) LocalAddr() net.Addr { return c.conn.LocalAddr() }
+
+// RemoteAddr returns the remote address of the underlying connection (over
+// an onion service every caller appears as 127.0.0.1).
+func (c *Conn) RemoteAddr() net.Addr { return c.conn.RemoteAddr() }
+
+// NetConn returns the underlying connection.
+func (c *Conn) NetConn() net.Conn { return c.conn }
+
+// SetDeadline sets the read and write deadlines.
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.SetReadDeadline(t)
+	return c.SetWriteDeadline(t)
+}
+
+// SetReadDeadline sets the read deadline. A Read that times out mid-frame
+// keeps what it has read, and the next Read resumes.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.readDeadline.Store(unixNano(t))
+	return c.conn.SetReadDeadline(t)
+}
+
+// SetWriteDeadline sets the write deadline. A Write that times out keeps its
+// sealed, unsent bytes pending (see Write).
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	c.writeDeadline.Store(unixNano(t))
+	return c.conn.SetWriteDeadline(t)
+}
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func fromUnixNano(n int64) time.Time {
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+func (c *Conn) userReadDeadline() time.Time  { return fromUnixNano(c.readDeadline.Load()) }
+func (c *Conn) userWriteDeadline() time.Time { return fromUnixNano(c.writeDeadline.Load()) }
+
+// PeerOf returns the authenticated keyring peer of c, if c is a *Conn (or
+// wraps one through a NetConn method) whose handshake has completed. Use it
+// in an http.Server's ConnContext or in a handler with the connection.
+func PeerOf(c net.Conn) (Peer, bool) {
+	for c != nil {
+		if nc, ok := c.(*Conn); ok {
+			if !nc.handshakeDone.Load() || nc.handshakeErr != nil {
+				return Peer{}, false
+			}
+			return nc.state.Peer, true
+		}
+		u, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			return Peer{}, false
+		}
+		c = u.NetConn()
+	}
+	return Peer{}, false
+}

@@ -1,0 +1,260 @@
+package noisetor
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/nettest"
+)
+
+func TestHandshakeAndEcho(t *testing.T) {
+	for _, pattern := range []Pattern{KK, XK} {
+		for _, suite := range []CipherSuite{ChaChaPoly, AESGCM} {
+			t.Run(pattern.String()+"_"+suite.String(), func(t *testing.T) {
+				checkNoGoroutineLeak(t)
+				ps := newTestPeers(t, "wallet", "cosigner")
+				ps["wallet"].cfg.Patterns = []Pattern{pattern}
+				ps["wallet"].cfg.CipherSuites = []CipherSuite{suite}
+				ps["cosigner"].cfg.Patterns = []Pattern{KK, XK}
+				ps["cosigner"].cfg.CipherSuites = []CipherSuite{ChaChaPoly, AESGCM}
+				cc, sc := handshakePair(t, ps["wallet"], ps["cosigner"])
+				defer cc.Close()
+				defer sc.Close()
+
+				cs, ss := cc.ConnectionState(), sc.ConnectionState()
+				if cs.Peer.Name != "cosigner" || ss.Peer.Name != "wallet" {
+					t.Fatalf("peers: client sees %q, server sees %q", cs.Peer.Name, ss.Peer.Name)
+				}
+				if ss.Peer.PublicKey != ps["wallet"].key.PublicKey() {
+					t.Fatal("server sees the wrong key")
+				}
+				if cs.Pattern != pattern || ss.Pattern != pattern || cs.CipherSuite != suite || ss.CipherSuite != suite {
+					t.Fatalf("negotiated %v/%v and %v/%v", cs.Pattern, cs.CipherSuite, ss.Pattern, ss.CipherSuite)
+				}
+				if !bytes.Equal(cs.HandshakeHash, ss.HandshakeHash) || len(cs.HandshakeHash) != 32 {
+					t.Fatal("handshake hashes differ")
+				}
+				if !cs.Initiator || ss.Initiator || !cs.HandshakeComplete {
+					t.Fatal("bad state flags")
+				}
+
+				// 200 KB each way: several frames, a batch boundary.
+				msg := make([]byte, 200_000)
+				rand.Read(msg)
+				go func() {
+					cc.Write(msg)
+					cc.CloseWrite()
+				}()
+				got, err := io.ReadAll(sc)
+				if err != nil {
+					t.Fatalf("server read: %v", err)
+				}
+				if !bytes.Equal(got, msg) {
+					t.Fatal("data mismatch")
+				}
+				mustContain(t, ps["cosigner"].logs.String(), "direction=in", "peer=wallet", "outcome=ok", "pattern="+pattern.String())
+				mustContain(t, ps["wallet"].logs.String(), "direction=out", "peer=cosigner", "outcome=ok")
+			})
+		}
+	}
+}
+
+func TestLazyHandshake(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	x, y := tcpPair(t)
+	cc, sc := Client(x, ps["a"].cfg, "b"), Server(y, ps["b"].cfg)
+	defer cc.Close()
+	defer sc.Close()
+	go cc.Write([]byte("hello"))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(sc, buf); err != nil || string(buf) != "hello" {
+		t.Fatalf("read %q, %v", buf, err)
+	}
+}
+
+// A clean close reads as io.EOF; a cut stream as io.ErrUnexpectedEOF.
+func TestCloseVersusTruncation(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	t.Run("close", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer sc.Close()
+		cc.Write([]byte("all of it"))
+		cc.Close()
+		got, err := io.ReadAll(sc)
+		if err != nil || string(got) != "all of it" {
+			t.Fatalf("got %q, %v; want clean EOF", got, err)
+		}
+	})
+	t.Run("truncated", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer sc.Close()
+		cc.Write([]byte("partial"))
+		cc.conn.Close() // TCP FIN without a close record, as an attacker could send
+		got, err := io.ReadAll(sc)
+		if !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("got %q, %v; want io.ErrUnexpectedEOF", got, err)
+		}
+		if string(got) != "partial" {
+			t.Fatalf("lost data before the cut: %q", got)
+		}
+	})
+	t.Run("closewrite", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer cc.Close()
+		defer sc.Close()
+		cc.Write([]byte("request"))
+		if err := cc.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cc.Write([]byte("x")); !errors.Is(err, ErrWriteClosed) {
+			t.Fatalf("write after CloseWrite: %v", err)
+		}
+		got, err := io.ReadAll(sc)
+		if err != nil || string(got) != "request" {
+			t.Fatalf("got %q, %v", got, err)
+		}
+		sc.Write([]byte("response"))
+		sc.Close()
+		got, err = io.ReadAll(cc)
+		if err != nil || string(got) != "response" {
+			t.Fatalf("half-closed client read %q, %v", got, err)
+		}
+	})
+}
+
+func TestRekey(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	ps["a"].cfg.RekeyAfterBytes = 100_000
+	ps["b"].cfg.RekeyAfter = time.Nanosecond // every write rekeys
+	cc, sc := handshakePair(t, ps["a"], ps["b"])
+	defer cc.Close()
+	defer sc.Close()
+	msg := make([]byte, 1_000_000)
+	rand.Read(msg)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	var got1, got2 []byte
+	go func() { defer wg.Done(); got1, _ = io.ReadAll(sc) }()
+	go func() { defer wg.Done(); got2, _ = io.ReadAll(cc) }()
+	for i := 0; i < 10; i++ {
+		cc.Write(msg[i*100_000 : (i+1)*100_000])
+		sc.Write(msg[i*100_000 : (i+1)*100_000])
+	}
+	keyBefore := cc.out.half.cs.UnsafeKey()
+	cc.CloseWrite()
+	sc.CloseWrite()
+	wg.Wait()
+	if !bytes.Equal(got1, msg) || !bytes.Equal(got2, msg) {
+		t.Fatalf("data mismatch after rekeying: %d and %d bytes", len(got1), len(got2))
+	}
+	if cc.out.half.cs.Nonce() < 10 || keyBefore == [32]byte{} {
+		t.Fatal("no traffic")
+	}
+}
+
+func TestRekeyChangesKey(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	ps["a"].cfg.RekeyAfterBytes = 1
+	cc, sc := handshakePair(t, ps["a"], ps["b"])
+	defer cc.Close()
+	defer sc.Close()
+	k0 := cc.out.half.cs.UnsafeKey()
+	go io.Copy(io.Discard, sc)
+	cc.Write([]byte("one"))
+	k1 := cc.out.half.cs.UnsafeKey()
+	cc.Write([]byte("two"))
+	k2 := cc.out.half.cs.UnsafeKey()
+	if k0 == k1 || k1 == k2 {
+		t.Fatal("sender did not rekey")
+	}
+}
+
+func TestNetConnConformance(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	ps := newTestPeers(t, "a", "b")
+	nettest.TestConn(t, func() (c1, c2 net.Conn, stop func(), err error) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		return cc, sc, func() { cc.Close(); sc.Close() }, nil
+	})
+}
+
+func TestWriteTimeoutResumes(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	cc, sc := handshakePair(t, ps["a"], ps["b"])
+	defer cc.Close()
+	defer sc.Close()
+	// Fill the socket buffers until a write times out mid-frame.
+	msg := make([]byte, 1<<20)
+	rand.Read(msg)
+	cc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	var sent []byte
+	for {
+		n, err := cc.Write(msg)
+		sent = append(sent, msg[:n]...)
+		if err != nil {
+			if !isTimeout(err) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if cc.out.pending == nil {
+		t.Log("timeout fell on a frame boundary; resumption not exercised this run")
+	}
+	cc.SetWriteDeadline(time.Time{})
+	go func() {
+		cc.Write([]byte("tail"))
+		cc.Close()
+	}()
+	got, err := io.ReadAll(sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append(sent, "tail"...)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("got %d bytes, want %d", len(got), len(want))
+	}
+}
+
+func TestConcurrentReadWriteClose(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	ps := newTestPeers(t, "a", "b")
+	cc, sc := handshakePair(t, ps["a"], ps["b"])
+	go io.Copy(sc, sc) // echo
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(2)
+		go func() { defer wg.Done(); cc.Write(make([]byte, 100_000)) }()
+		go func() { defer wg.Done(); io.CopyN(io.Discard, cc, 50_000) }()
+	}
+	time.Sleep(50 * time.Millisecond)
+	cc.Close()
+	wg.Wait()
+	sc.Close()
+	if _, err := cc.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("write after close: %v", err)
+	}
+}
+
+func TestHandshakeContextCancel(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	x, y := tcpPair(t)
+	defer y.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := Client(x, ps["a"].cfg, "b").HandshakeContext(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("got %v, want deadline exceeded", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("context was not honoured")
+	}
+}

@@ -1,0 +1,143 @@
+package noisetor
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"net"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// testPeer is one machine of a test: its key and its config.
+type testPeer struct {
+	name string
+	key  *PrivateKey
+	cfg  *Config
+	logs *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// newTestPeers makes peers that all know each other.
+func newTestPeers(t testing.TB, names ...string) map[string]*testPeer {
+	t.Helper()
+	peers := map[string]*testPeer{}
+	var ring []Peer
+	for _, n := range names {
+		k, err := GenerateKey(X25519, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		logs := &syncBuffer{}
+		peers[n] = &testPeer{name: n, key: k, logs: logs, cfg: &Config{
+			StaticKey: k,
+			Logger:    slog.New(slog.NewTextHandler(logs, nil)),
+		}}
+		ring = append(ring, Peer{Name: n, PublicKey: k.PublicKey()})
+	}
+	for _, p := range peers {
+		kr, err := NewKeyring(ring...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.cfg.Keyring = kr
+	}
+	return peers
+}
+
+// tcpPair returns the two ends of a loopback TCP connection.
+func tcpPair(t testing.TB) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ch := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			ch <- nil
+			return
+		}
+		ch <- c
+	}()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = <-ch
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	return client, server
+}
+
+// handshakePair runs a handshake between client (dialing peer "server") and
+// server over loopback TCP and returns both ends.
+func handshakePair(t testing.TB, client, server *testPeer) (*Conn, *Conn) {
+	t.Helper()
+	a, b := tcpPair(t)
+	cc := Client(a, client.cfg, server.name)
+	sc := Server(b, server.cfg)
+	errc := make(chan error, 1)
+	go func() { errc <- sc.HandshakeContext(context.Background()) }()
+	if err := cc.HandshakeContext(context.Background()); err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
+	return cc, sc
+}
+
+// checkNoGoroutineLeak fails the test if goroutines started during it are
+// still running shortly after it ends.
+func checkNoGoroutineLeak(t *testing.T) {
+	t.Helper()
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			n := runtime.NumGoroutine()
+			if n <= before {
+				return
+			}
+			if time.Now().After(deadline) {
+				buf := make([]byte, 1<<16)
+				buf = buf[:runtime.Stack(buf, true)]
+				t.Errorf("goroutine leak: %d before, %d after\n%s", before, n, buf)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
+
+func mustContain(t testing.TB, s string, subs ...string) {
+	t.Helper()
+	for _, sub := range subs {
+		if !strings.Contains(s, sub) {
+			t.Errorf("%q does not contain %q", s, sub)
+		}
+	}
+}

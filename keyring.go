@@ -1,0 +1,687 @@
+package noisetor
+
+import (
+	"bytes"
+	"crypto/sha3"
+	"encoding/base32"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"unicode/utf8"
+)
+
+const (
+	// maxKeyringSize bounds a keyring file; a keyring lists a few peers.
+	maxKeyringSize = 1 << 20
+	// maxKeyringLine bounds one line of a keyring file.
+	maxKeyringLine = 4096
+	// maxNameLen bounds a peer name.
+	maxNameLen = 64
+
+	keyringFingerprintDomain = "noisetor keyring fingerprint v1"
+	clientAuthPrefix         = "descriptor:x25519:"
+)
+
+// ErrBadPeer is matched (with errors.Is) by every error about a malformed
+// keyring line or peer entry: a bad name, address or field. Errors about the
+// keys themselves match ErrBadKey instead.
+var ErrBadPeer = errors.New("noisetor: bad peer entry")
+
+// ErrDuplicatePeer is matched (with errors.Is) by the error for a peer whose
+// name, public key or address is already in the keyring.
+var ErrDuplicatePeer = errors.New("noisetor: duplicate peer")
+
+// A Peer is an entry of a Keyring: a machine this one may talk to.
+type Peer struct {
+	// Name identifies the peer: 1 to 64 characters of a-z, 0-9, '.', '_'
+	// and '-', starting with a letter or digit.
+	Name string
+	// PublicKey is the peer's static key. Required.
+	PublicKey PublicKey
+	// Address is where to dial the peer, "host:port": an IP address, a DNS
+	// name or a Tor v3 onion address ("<56 characters>.onion"). Optional.
+	// The keyring stores it normalised (lower case, canonical IP form).
+	Address string
+	// ClientAuth is the peer's Tor v3 client-authorization PUBLIC key: 52
+	// characters of upper-case base32, as in the "descriptor:x25519:<key>"
+	// line of a Tor authorized_clients/*.auth file (the prefix is accepted
+	// and removed). Optional.
+	ClientAuth string
+}
+
+// A Keyring is the set of peers this machine may talk to, each with a unique
+// name, public key and (if set) address. It is safe for concurrent use. The
+// zero value is an empty keyring ready to use; lookups on a nil *Keyring
+// find nothing.
+//
+// The file format (see ParseKeyring) is one peer per line:
+//
+//	# comment
+//	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
+type Keyring struct {
+	mu     sync.RWMutex
+	byName map[string]Peer
+	byKey  map[PublicKey]string // public key -> name
+	byAddr map[string]string    // normalised address -> name
+}
+
+// NewKeyring returns a keyring holding peers. It fails like Add on the first
+// invalid or duplicate peer.
+func NewKeyring(peers ...Peer) (*Keyring, error) {
+	k := new(Keyring)
+	for _, p := range peers {
+		if err := k.Add(p); err != nil {
+			return nil, err
+		}
+	}
+	return k, nil
+}
+
+// Add adds peer p: it binds the public key to the identifier p.Name (the
+// ceremony_input(public_key, identifier) of the design). It checks p as
+// strictly as ParseKeyring checks a line and fails if the name, the public key
+// or the address is already in the keyring.
+func (k *Keyring) Add(p Peer) error {
+	p, err := normalizePeer(p)
+	if err != nil {
+		return fmt.Errorf("noisetor: %w", err)
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	switch field, other := k.conflict(p); field {
+	case "":
+	case "name":
+		return fmt.Errorf("noisetor: %w", &peerError{ErrDuplicatePeer,
+			fmt.Sprintf("the keyring already has a peer named %q", p.Name)})
+	case "address":
+		return fmt.Errorf("noisetor: %w", &peerError{ErrDuplicatePeer,
+			fmt.Sprintf("peer %q: address %s is already in the keyring as peer %q", p.Name, p.Address, other)})
+	default:
+		return fmt.Errorf("noisetor: %w", &peerError{ErrDuplicatePeer,
+			fmt.Sprintf("peer %q: its public key is already in the keyring as peer %q", p.Name, other)})
+	}
+	k.insert(p)
+	return nil
+}
+
+// conflict reports which unique field of p ("name", "public key", "address")
+// is already in k, and the name of the peer holding it. k.mu must be held.
+func (k *Keyring) conflict(p Peer) (field, other string) {
+	if _, ok := k.byName[p.Name]; ok {
+		return "name", p.Name
+	}
+	if n, ok := k.byKey[p.PublicKey]; ok {
+		return "public key", n
+	}
+	if p.Address != "" {
+		if n, ok := k.byAddr[p.Address]; ok {
+			return "address", n
+		}
+	}
+	return "", ""
+}
+
+// insert adds a normalised, non-conflicting peer. k.mu must be held.
+func (k *Keyring) insert(p Peer) {
+	if k.byName == nil {
+		k.byName = make(map[string]Peer)
+		k.byKey = make(map[PublicKey]string)
+		k.byAddr = make(map[string]string)
+	}
+	k.byName[p.Name] = p
+	k.byKey[p.PublicKey] = p.Name
+	if p.Address != "" {
+		k.byAddr[p.Address] = p.Name
+	}
+}
+
+// ByName returns the peer called name.
+func (k *Keyring) ByName(name string) (Peer, bool) {
+	if k == nil {
+		return Peer{}, false
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	p, ok := k.byName[name]
+	return p, ok
+}
+
+// ByKey returns the peer whose static key is pub.
+func (k *Keyring) ByKey(pub PublicKey) (Peer, bool) {
+	if k == nil || pub.IsZero() {
+		return Peer{}, false
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	n, ok := k.byKey[pub]
+	if !ok {
+		return Peer{}, false
+	}
+	return k.byName[n], true
+}
+
+// ByAddress returns the peer whose Address is addr ("host:port"). The
+// address is compared in normalised form, so "XYZ.onion:9000" finds
+// "xyz.onion:9000" and "[::ffff:127.0.0.1]:80" finds "127.0.0.1:80".
+func (k *Keyring) ByAddress(addr string) (Peer, bool) {
+	if k == nil {
+		return Peer{}, false
+	}
+	norm, err := normalizeAddress(addr)
+	if err != nil {
+		return Peer{}, false
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	n, ok := k.byAddr[norm]
+	if !ok {
+		return Peer{}, false
+	}
+	return k.byName[n], true
+}
+
+// Peers returns a copy of the peers, sorted by Name.
+func (k *Keyring) Peers() []Peer {
+	if k == nil {
+		return nil
+	}
+	k.mu.RLock()
+	peers := make([]Peer, 0, len(k.byName))
+	for _, p := range k.byName {
+		peers = append(peers, p)
+	}
+	k.mu.RUnlock()
+	slices.SortFunc(peers, func(a, b Peer) int { return strings.Compare(a.Name, b.Name) })
+	return peers
+}
+
+// Len returns the number of peers.
+func (k *Keyring) Len() int {
+	if k == nil {
+		return 0
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	return len(k.byName)
+}
+
+// Fingerprint returns a short digest of the whole keyring (every peer's name,
+// key, address and client-auth key) for operators to read to each other: six
+// groups of five decimal digits. Two keyrings have the same fingerprint if and
+// only if WriteTo writes the same peer lines for them, whatever the order,
+// comments or spacing of the files they were read from. The format is
+// specified in WIRE.md.
+func (k *Keyring) Fingerprint() string {
+	var b bytes.Buffer
+	for _, p := range k.Peers() {
+		writePeerLine(&b, p)
+	}
+	return fingerprint(keyringFingerprintDomain, b.Bytes())
+}
+
+// writePeerLine writes the canonical line of a normalised peer.
+func writePeerLine(b *bytes.Buffer, p Peer) {
+	b.WriteString(p.Name)
+	b.WriteByte(' ')
+	b.WriteString(p.PublicKey.String())
+	if p.Address != "" {
+		b.WriteString(" addr=")
+		b.WriteString(p.Address)
+	}
+	if p.ClientAuth != "" {
+		b.WriteString(" auth=")
+		b.WriteString(p.ClientAuth)
+	}
+	b.WriteByte('\n')
+}
+
+const keyringHeader = "# noisetor keyring: <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]\n"
+
+// WriteTo writes the keyring in the file format of ParseKeyring: a comment
+// line, then one line per peer, sorted by name, fields separated by one
+// space. It implements io.WriterTo.
+func (k *Keyring) WriteTo(w io.Writer) (int64, error) {
+	var b bytes.Buffer
+	b.WriteString(keyringHeader)
+	for _, p := range k.Peers() {
+		writePeerLine(&b, p)
+	}
+	n, err := w.Write(b.Bytes())
+	if err != nil {
+		return int64(n), fmt.Errorf("noisetor: writing keyring: %w", err)
+	}
+	return int64(n), nil
+}
+
+// Save writes the keyring to path, replacing the file atomically (a temporary
+// file in the same directory, then a rename), with mode 0644: a keyring holds
+// only public data, but must not be writable by others.
+func (k *Keyring) Save(path string) (err error) {
+	var b bytes.Buffer
+	if _, err := k.WriteTo(&b); err != nil {
+		return err
+	}
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, "."+base+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(0o644); err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	if _, err := f.Write(b.Bytes()); err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("noisetor: saving keyring: %w", err)
+	}
+	// Make the rename durable; failure here does not undo the save.
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// LoadKeyring reads a keyring file (see ParseKeyring). It refuses a file that
+// group or others may write, since whoever can write the keyring can add a
+// peer, and a file larger than 1 MiB.
+func LoadKeyring(path string) (*Keyring, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
+	}
+	if st.Mode().IsRegular() && st.Mode().Perm()&0o022 != 0 {
+		return nil, &KeyringError{Path: path, Err: fmt.Errorf(
+			"%w: mode %v lets group or others write it, and so add peers (chmod 644 %s)",
+			fs.ErrPermission, st.Mode().Perm(), path)}
+	}
+	return parseKeyring(path, f)
+}
+
+// ParseKeyring reads a keyring in its text format: UTF-8, at most 1 MiB, lines
+// separated by "\n" (a "\r" before it is ignored), at most 4096 bytes each.
+// Each line is blank, a comment, or one peer:
+//
+//	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
+//
+// Fields are separated by spaces or tabs; a field starting with '#' starts a
+// comment that runs to the end of the line. The name and public key come
+// first (see Peer and ParsePublicKey), then the optional fields in any order,
+// each at most once. Names, public keys and addresses must be unique. Keys of
+// different curves may be mixed.
+//
+// Parsing is strict: the first bad line fails the whole keyring with a
+// *KeyringError naming the line. A line holding a noisetor private key (even
+// in a comment) is an error. Errors quote only values that passed validation,
+// so a secret pasted into the wrong place is not echoed into logs.
+func ParseKeyring(r io.Reader) (*Keyring, error) {
+	return parseKeyring("", r)
+}
+
+func parseKeyring(path string, r io.Reader) (*Keyring, error) {
+	data, err := io.ReadAll(io.LimitReader(r, maxKeyringSize+1))
+	if err != nil {
+		return nil, &KeyringError{Path: path, Err: err}
+	}
+	if len(data) > maxKeyringSize {
+		return nil, &KeyringError{Path: path, Err: &peerError{ErrBadPeer, "file is larger than 1 MiB"}}
+	}
+	data = bytes.TrimPrefix(data, []byte("\uFEFF")) // a byte order mark some editors add
+
+	k := new(Keyring)
+	nameLine := make(map[string]int)
+	keyLine := make(map[PublicKey]int)
+	addrLine := make(map[string]int)
+	for n := 1; len(data) > 0; n++ {
+		var line []byte
+		line, data, _ = bytes.Cut(data, []byte("\n"))
+		p, ok, err := parseLine(bytes.TrimSuffix(line, []byte("\r")))
+		if err != nil {
+			return nil, &KeyringError{Path: path, Line: n, Err: err}
+		}
+		if !ok {
+			continue
+		}
+		switch field, other := k.conflict(p); field {
+		case "":
+		case "name":
+			return nil, &KeyringError{Path: path, Line: n, Err: &peerError{ErrDuplicatePeer,
+				fmt.Sprintf("duplicate name %q (first on line %d)", p.Name, nameLine[p.Name])}}
+		case "address":
+			return nil, &KeyringError{Path: path, Line: n, Err: &peerError{ErrDuplicatePeer,
+				fmt.Sprintf("duplicate address %s (first on line %d, peer %q)", p.Address, addrLine[p.Address], other)}}
+		default:
+			return nil, &KeyringError{Path: path, Line: n, Err: &peerError{ErrDuplicatePeer,
+				fmt.Sprintf("duplicate public key (first on line %d, peer %q)", keyLine[p.PublicKey], other)}}
+		}
+		k.insert(p)
+		nameLine[p.Name] = n
+		keyLine[p.PublicKey] = n
+		if p.Address != "" {
+			addrLine[p.Address] = n
+		}
+	}
+	return k, nil
+}
+
+// parseLine parses one line. ok is false for blank and comment lines.
+func parseLine(line []byte) (p Peer, ok bool, err error) {
+	if len(line) > maxKeyringLine {
+		return Peer{}, false, &peerError{ErrBadPeer, "line is longer than 4096 bytes"}
+	}
+	// Checked before anything else so that no later message can quote it.
+	if bytes.Contains(bytes.ToUpper(line), []byte(privateKeyPrefix)) {
+		return Peer{}, false, &peerError{ErrBadKey,
+			"line holds a noisetor PRIVATE key: remove it (a keyring is public) and treat that key as exposed"}
+	}
+	if !utf8.Valid(line) {
+		return Peer{}, false, &peerError{ErrBadPeer, "line is not valid UTF-8"}
+	}
+	var fields []string
+	for f := range strings.FieldsFuncSeq(string(line), func(r rune) bool { return r == ' ' || r == '\t' }) {
+		if strings.HasPrefix(f, "#") {
+			break
+		}
+		fields = append(fields, f)
+	}
+	if len(fields) == 0 {
+		return Peer{}, false, nil
+	}
+	if len(fields) < 2 {
+		return Peer{}, false, &peerError{ErrBadPeer,
+			"want <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]"}
+	}
+	p.Name = fields[0]
+	if err := checkName(p.Name); err != nil {
+		return Peer{}, false, err
+	}
+	if strings.Contains(fields[1], "=") {
+		return Peer{}, false, &peerError{ErrBadPeer, "the second field must be the public key"}
+	}
+	p.PublicKey, err = ParsePublicKey(fields[1])
+	if err != nil {
+		return Peer{}, false, keyError("public key", err)
+	}
+	var haveAddr, haveAuth bool
+	for _, f := range fields[2:] {
+		key, val, found := strings.Cut(f, "=")
+		if !found {
+			return Peer{}, false, &peerError{ErrBadPeer, "unexpected field after the public key (want addr=... or auth=...)"}
+		}
+		switch key {
+		case "addr":
+			if haveAddr {
+				return Peer{}, false, &peerError{ErrBadPeer, "addr= given twice"}
+			}
+			haveAddr = true
+			if val == "" {
+				return Peer{}, false, &peerError{ErrBadPeer, "empty addr="}
+			}
+			p.Address = val
+		case "auth":
+			if haveAuth {
+				return Peer{}, false, &peerError{ErrBadPeer, "auth= given twice"}
+			}
+			haveAuth = true
+			if val == "" {
+				return Peer{}, false, &peerError{ErrBadPeer, "empty auth="}
+			}
+			p.ClientAuth = val
+		default:
+			if isFieldName(key) {
+				return Peer{}, false, &peerError{ErrBadPeer, fmt.Sprintf("unknown field %q (want addr= or auth=)", key)}
+			}
+			return Peer{}, false, &peerError{ErrBadPeer, "unknown field (want addr= or auth=)"}
+		}
+	}
+	p, err = normalizePeer(p)
+	if err != nil {
+		return Peer{}, false, err
+	}
+	return p, true, nil
+}
+
+func isFieldName(s string) bool {
+	if s == "" || len(s) > 16 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '_' && c != '-' {
+			return false
+		}
+	}
+	return true
+}
+
+// normalizePeer checks p and returns it with Address and ClientAuth in
+// canonical form.
+func normalizePeer(p Peer) (Peer, error) {
+	if err := checkName(p.Name); err != nil {
+		return Peer{}, err
+	}
+	if p.PublicKey.IsZero() {
+		return Peer{}, &peerError{ErrBadKey, fmt.Sprintf("peer %q has no public key", p.Name)}
+	}
+	if p.Address != "" {
+		a, err := normalizeAddress(p.Address)
+		if err != nil {
+			return Peer{}, &peerError{ErrBadPeer, fmt.Sprintf("peer %q: address: %v", p.Name, err)}
+		}
+		p.Address = a
+	}
+	if p.ClientAuth != "" {
+		a, err := normalizeClientAuth(p.ClientAuth)
+		if err != nil {
+			return Peer{}, keyError(fmt.Sprintf("peer %q: auth", p.Name), err)
+		}
+		p.ClientAuth = a
+	}
+	return p, nil
+}
+
+// checkName checks a peer name. It does not quote an invalid name.
+func checkName(name string) error {
+	if name == "" {
+		return &peerError{ErrBadPeer, "empty peer name"}
+	}
+	if len(name) > maxNameLen {
+		return &peerError{ErrBadPeer, "peer name is longer than 64 characters"}
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if ('a' <= c && c <= 'z') || ('0' <= c && c <= '9') {
+			continue
+		}
+		if i > 0 && (c == '.' || c == '_' || c == '-') {
+			continue
+		}
+		return &peerError{ErrBadPeer,
+			"invalid peer name: use a-z, 0-9, '.', '_' and '-', starting with a letter or digit"}
+	}
+	return nil
+}
+
+// normalizeAddress checks a "host:port" address and returns its canonical
+// form: IP addresses as netip prints them (IPv6 in brackets, IPv4-mapped
+// IPv6 unmapped), host names and onion addresses in lower case.
+func normalizeAddress(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", errors.New("want host:port")
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 || port != strconv.FormatUint(n, 10) {
+		return "", errors.New("port must be a number from 1 to 65535")
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Zone() != "" {
+			return "", errors.New("IPv6 zones are not allowed")
+		}
+		return net.JoinHostPort(ip.Unmap().String(), port), nil
+	}
+	host = strings.ToLower(host)
+	if strings.HasSuffix(host, ".onion") {
+		if err := checkOnion(host); err != nil {
+			return "", err
+		}
+		return host + ":" + port, nil
+	}
+	if err := checkHostname(host); err != nil {
+		return "", err
+	}
+	return host + ":" + port, nil
+}
+
+var onionEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+// checkOnion checks a lower-case Tor v3 onion address per rend-spec-v3
+// §6: base32(PUBKEY || CHECKSUM || VERSION) + ".onion", with VERSION = 3 and
+// CHECKSUM = SHA3-256(".onion checksum" || PUBKEY || VERSION)[:2].
+func checkOnion(host string) error {
+	label := strings.TrimSuffix(host, ".onion")
+	if len(label) != 56 || strings.Contains(label, ".") {
+		return errors.New("an onion address must be 56 base32 characters + \".onion\" (Tor v3; v2 and subdomains are not accepted)")
+	}
+	raw, err := onionEncoding.DecodeString(strings.ToUpper(label))
+	if err != nil || len(raw) != 35 {
+		return errors.New("onion address is not valid base32")
+	}
+	pub, sum, version := raw[:32], raw[32:34], raw[34]
+	if version != 3 {
+		return fmt.Errorf("onion address has version %d, want 3", version)
+	}
+	h := sha3.New256()
+	h.Write([]byte(".onion checksum"))
+	h.Write(pub)
+	h.Write([]byte{version})
+	if !bytes.Equal(h.Sum(nil)[:2], sum) {
+		return errors.New("onion address checksum is wrong (a typo?)")
+	}
+	return nil
+}
+
+// checkHostname checks a lower-case DNS host name (RFC 1123 labels).
+func checkHostname(host string) error {
+	bad := errors.New("host must be an IP address, a DNS name or a v3 onion address")
+	if host == "" || len(host) > 253 {
+		return bad
+	}
+	labels := strings.Split(host, ".")
+	for _, l := range labels {
+		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+			return bad
+		}
+		for i := 0; i < len(l); i++ {
+			if c := l[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+				return bad
+			}
+		}
+	}
+	// An all-digit last label means a malformed IP address, such as
+	// "127.1" or "010.0.0.1", which resolvers read in surprising ways.
+	if strings.Trim(labels[len(labels)-1], "0123456789") == "" {
+		return bad
+	}
+	return nil
+}
+
+// normalizeClientAuth checks a Tor v3 client-authorization public key and
+// returns it as 52 upper-case base32 characters without prefix.
+func normalizeClientAuth(s string) (string, error) {
+	if len(s) > len(clientAuthPrefix) && strings.EqualFold(s[:len(clientAuthPrefix)], clientAuthPrefix) {
+		s = s[len(clientAuthPrefix):]
+	}
+	if strings.Contains(s, ":") {
+		// "<onion>:descriptor:x25519:<key>" is the .auth_private format,
+		// whose key is the client's private key.
+		return "", badKey("this looks like a Tor .auth_private line, which holds the PRIVATE client-auth key; use the public key (the descriptor:x25519:... line of the .auth file)")
+	}
+	if len(s) != 52 {
+		return "", badKey("want 52 base32 characters (a 32-byte x25519 public key)")
+	}
+	u := strings.ToUpper(s)
+	raw, err := onionEncoding.DecodeString(u)
+	if err != nil || len(raw) != 32 || onionEncoding.EncodeToString(raw) != u {
+		return "", badKey("not a base32-encoded 32-byte key")
+	}
+	if _, err := NewPublicKey(X25519, raw); err != nil {
+		return "", err
+	}
+	return u, nil
+}
+
+// keyError wraps an ErrBadKey error from keys.go for a KeyringError,
+// dropping its "noisetor: " prefix since KeyringError adds its own.
+func keyError(what string, err error) error {
+	return &peerError{err, what + ": " + strings.TrimPrefix(err.Error(), "noisetor: ")}
+}
+
+// A peerError is a keyring error whose message has no "noisetor: " prefix,
+// for use inside KeyringError or after one, and that matches kind.
+type peerError struct {
+	kind error // ErrBadPeer, ErrDuplicatePeer, or an error matching ErrBadKey
+	msg  string
+}
+
+func (e *peerError) Error() string { return e.msg }
+func (e *peerError) Unwrap() error { return e.kind }
+
+// A KeyringError reports a problem in a keyring file. Line is 1-based, or 0
+// for a problem with the whole file. Err matches ErrBadPeer, ErrBadKey or
+// ErrDuplicatePeer (with errors.Is) for a bad line.
+type KeyringError struct {
+	Path string // the file's path; empty for ParseKeyring
+	Line int
+	Err  error
+}
+
+// Error returns "noisetor: keyring <path>:<line>: <problem>".
+func (e *KeyringError) Error() string {
+	var where string
+	switch {
+	case e.Path != "" && e.Line > 0:
+		where = e.Path + ":" + strconv.Itoa(e.Line)
+	case e.Path != "":
+		where = e.Path
+	case e.Line > 0:
+		where = "line " + strconv.Itoa(e.Line)
+	}
+	if where == "" {
+		return "noisetor: keyring: " + e.Err.Error()
+	}
+	return "noisetor: keyring " + where + ": " + e.Err.Error()
+}
+
+// Unwrap returns e.Err.
+func (e *KeyringError) Unwrap() error { return e.Err }

@@ -1,0 +1,395 @@
+package noisetor
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"strings"
+)
+
+// A Curve names the Diffie-Hellman function of a static key and of the Noise
+// handshakes it takes part in. Both peers of a connection use the same curve.
+type Curve uint8
+
+const (
+	// X25519 is the Noise "25519" DH function (RFC 7748). The default.
+	X25519 Curve = 1
+	// P256 is ECDH on NIST P-256, for hardware tokens without X25519. Its
+	// Noise DH name "P256" is not standard: see WIRE.md. Public keys are
+	// uncompressed SEC 1 points (65 bytes); DH outputs the 32-byte x-coordinate.
+	P256 Curve = 2
+)
+
+// String returns the curve's name as used in key encodings: "x25519" or "p256".
+func (c Curve) String() string {
+	switch c {
+	case X25519:
+		return "x25519"
+	case P256:
+		return "p256"
+	}
+	return fmt.Sprintf("curve(%d)", uint8(c))
+}
+
+func (c Curve) ecdh() ecdh.Curve {
+	switch c {
+	case X25519:
+		return ecdh.X25519()
+	case P256:
+		return ecdh.P256()
+	}
+	return nil
+}
+
+// publicKeyLen is the length of a raw public key on the wire.
+func (c Curve) publicKeyLen() int {
+	switch c {
+	case X25519:
+		return 32
+	case P256:
+		return 65
+	}
+	return 0
+}
+
+func parseCurve(s string) (Curve, error) {
+	switch s {
+	case "x25519":
+		return X25519, nil
+	case "p256":
+		return P256, nil
+	}
+	return 0, fmt.Errorf("unknown curve %q (want x25519 or p256)", s)
+}
+
+// ErrBadKey is matched (with errors.Is) by every error about a malformed,
+// low-order or wrong-kind key.
+var ErrBadKey = errors.New("noisetor: bad key")
+
+func badKey(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrBadKey, fmt.Sprintf(format, args...))
+}
+
+// A PublicKey is a static public key. The zero value is no key. PublicKeys are
+// comparable with == and usable as map keys.
+type PublicKey struct {
+	curve Curve
+	raw   string // wire encoding; a string so that the type is comparable
+}
+
+// NewPublicKey checks raw as a public key on curve c. It rejects points that
+// are not on the curve and, for X25519, points of low order (whose DH output
+// is all zero, which would let a peer force a known shared secret).
+func NewPublicKey(c Curve, raw []byte) (PublicKey, error) {
+	ec := c.ecdh()
+	if ec == nil {
+		return PublicKey{}, badKey("unknown curve %d", c)
+	}
+	if len(raw) != c.publicKeyLen() {
+		return PublicKey{}, badKey("%s public key is %d bytes, want %d", c, len(raw), c.publicKeyLen())
+	}
+	pub, err := ec.NewPublicKey(raw)
+	if err != nil {
+		return PublicKey{}, badKey("%s public key is not a valid point", c)
+	}
+	if c == X25519 {
+		// Every clamped scalar is a multiple of 8, so any point of order
+		// dividing 8 gives the all-zero output, which ECDH reports as an error.
+		if _, err := lowOrderProbe.ECDH(pub); err != nil {
+			return PublicKey{}, badKey("x25519 public key is a low-order point")
+		}
+		// A point has several 32-byte encodings (the top bit is ignored, and
+		// u+p encodes u for u < 19). Only the canonical one is accepted, so
+		// that one key has one PublicKey value and a keyring cannot hold the
+		// same key twice under two names.
+		if !canonicalX25519(raw) {
+			return PublicKey{}, badKey("x25519 public key is not canonically encoded")
+		}
+	}
+	return PublicKey{curve: c, raw: string(raw)}, nil
+}
+
+// canonicalX25519 reports whether the little-endian u is below 2^255-19.
+func canonicalX25519(u []byte) bool {
+	if u[31]&0x80 != 0 {
+		return false
+	}
+	if u[31] != 0x7f || u[0] < 0xed {
+		return true
+	}
+	for _, b := range u[1:31] {
+		if b != 0xff {
+			return true
+		}
+	}
+	return false
+}
+
+var lowOrderProbe = func() *ecdh.PrivateKey {
+	k, err := ecdh.X25519().NewPrivateKey(bytes.Repeat([]byte{0x5a}, 32))
+	if err != nil {
+		panic(err)
+	}
+	return k
+}()
+
+// ParsePublicKey parses the text form written by PublicKey.String, such as
+// "x25519:Qh0W...". It refuses a private key with an error that says so.
+func ParsePublicKey(s string) (PublicKey, error) {
+	if strings.HasPrefix(strings.ToUpper(s), privateKeyPrefix) {
+		return PublicKey{}, badKey("this is a private key, not a public key; never share it")
+	}
+	name, enc, ok := strings.Cut(s, ":")
+	if !ok {
+		return PublicKey{}, badKey("public key must look like x25519:<base64url>")
+	}
+	c, err := parseCurve(name)
+	if err != nil {
+		return PublicKey{}, badKey("%v", err)
+	}
+	raw, err := base64.RawURLEncoding.Strict().DecodeString(enc)
+	if err != nil {
+		return PublicKey{}, badKey("public key is not unpadded base64url")
+	}
+	return NewPublicKey(c, raw)
+}
+
+// Curve returns the key's curve, or 0 for the zero PublicKey.
+func (k PublicKey) Curve() Curve { return k.curve }
+
+// Bytes returns the key's wire encoding (32 bytes for X25519, 65 for P-256).
+func (k PublicKey) Bytes() []byte { return []byte(k.raw) }
+
+// IsZero reports whether k is the zero PublicKey.
+func (k PublicKey) IsZero() bool { return k.curve == 0 }
+
+// String returns the text form, "<curve>:<unpadded base64url of Bytes>".
+func (k PublicKey) String() string {
+	if k.IsZero() {
+		return "<none>"
+	}
+	return k.curve.String() + ":" + base64.RawURLEncoding.EncodeToString([]byte(k.raw))
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (k PublicKey) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (k *PublicKey) UnmarshalText(b []byte) error {
+	p, err := ParsePublicKey(string(b))
+	if err != nil {
+		return err
+	}
+	*k = p
+	return nil
+}
+
+// Fingerprint returns a short digest of the key for people to compare by
+// reading it aloud: six groups of five decimal digits ("04711 ..."), about 99
+// bits. The format is specified in WIRE.md.
+func (k PublicKey) Fingerprint() string {
+	return fingerprint("noisetor key fingerprint v1", []byte(k.String()))
+}
+
+// fingerprint hashes domain and data with SHA-256 and renders the first 30
+// bytes as six groups of five digits (each group is a 40-bit big-endian
+// integer modulo 100000), as Signal's safety numbers do.
+func fingerprint(domain string, data []byte) string {
+	h := sha256.New()
+	h.Write([]byte(domain))
+	h.Write([]byte{0})
+	h.Write(data)
+	sum := h.Sum(nil)
+	groups := make([]string, 6)
+	for i := range groups {
+		var b [8]byte
+		copy(b[3:], sum[i*5:i*5+5])
+		groups[i] = fmt.Sprintf("%05d", binary.BigEndian.Uint64(b[:])%100000)
+	}
+	return strings.Join(groups, " ")
+}
+
+// A StaticKey is a long-term key that takes part in handshakes: its public
+// half, and Diffie-Hellman with a peer's public key. The private half may live
+// in a hardware module and never enter this process (see PKCS11Key).
+//
+// DH must be safe for concurrent use: a listener runs many handshakes at once.
+type StaticKey interface {
+	PublicKey() PublicKey
+	// DH returns the shared secret with peer, which is on the same curve.
+	DH(peer PublicKey) ([]byte, error)
+}
+
+const privateKeyPrefix = "NOISETOR-PRIVATE-KEY-"
+
+// A PrivateKey is a software StaticKey. Its String, GoString and Format
+// methods never print the private scalar.
+type PrivateKey struct {
+	priv *ecdh.PrivateKey
+	pub  PublicKey
+}
+
+// GenerateKey makes a new software static key on curve c with randomness
+// from rand (crypto/rand when nil).
+func GenerateKey(c Curve, random io.Reader) (*PrivateKey, error) {
+	if random == nil {
+		random = rand.Reader
+	}
+	if c.ecdh() == nil {
+		return nil, badKey("unknown curve %d", c)
+	}
+	for {
+		// ecdh.GenerateKey ignores custom readers since Go 1.26; read the
+		// scalar ourselves so a deterministic reader gives a deterministic key.
+		b := make([]byte, 32)
+		if _, err := io.ReadFull(random, b); err != nil {
+			return nil, fmt.Errorf("noisetor: reading randomness: %w", err)
+		}
+		k, err := NewPrivateKey(c, b)
+		if err == nil {
+			return k, nil
+		}
+		if c == X25519 { // every 32-byte string is a valid X25519 scalar
+			return nil, err
+		}
+	}
+}
+
+// NewPrivateKey makes a software static key from a raw scalar (32 bytes).
+func NewPrivateKey(c Curve, scalar []byte) (*PrivateKey, error) {
+	ec := c.ecdh()
+	if ec == nil {
+		return nil, badKey("unknown curve %d", c)
+	}
+	priv, err := ec.NewPrivateKey(scalar)
+	if err != nil {
+		return nil, badKey("invalid %s private key", c)
+	}
+	pub, err := NewPublicKey(c, priv.PublicKey().Bytes())
+	if err != nil {
+		return nil, err
+	}
+	return &PrivateKey{priv: priv, pub: pub}, nil
+}
+
+// PublicKey returns the public half.
+func (k *PrivateKey) PublicKey() PublicKey { return k.pub }
+
+// DH implements StaticKey.
+func (k *PrivateKey) DH(peer PublicKey) ([]byte, error) {
+	if peer.curve != k.pub.curve {
+		return nil, badKey("peer key is %s, own key is %s", peer.curve, k.pub.curve)
+	}
+	pub, err := k.priv.Curve().NewPublicKey(peer.Bytes())
+	if err != nil {
+		return nil, badKey("peer key is not a valid point")
+	}
+	out, err := k.priv.ECDH(pub)
+	if err != nil {
+		return nil, badKey("DH with peer key failed (low-order point)")
+	}
+	return out, nil
+}
+
+// String describes the key by its public half only.
+func (k *PrivateKey) String() string { return "noisetor.PrivateKey(" + k.pub.String() + ")" }
+
+// GoString is like String, so %#v cannot leak the scalar either.
+func (k *PrivateKey) GoString() string { return k.String() }
+
+// Format prints String for every verb, so no fmt verb reveals the scalar.
+func (k *PrivateKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// MarshalPrivateText returns the private key file encoding,
+// "NOISETOR-PRIVATE-KEY-X25519:<base64url>\n". It is named so that nobody calls
+// it by accident where a public encoding is wanted.
+func (k *PrivateKey) MarshalPrivateText() []byte {
+	return []byte(privateKeyPrefix + strings.ToUpper(k.pub.curve.String()) + ":" +
+		base64.RawURLEncoding.EncodeToString(k.priv.Bytes()) + "\n")
+}
+
+// ParsePrivateKey parses the encoding of MarshalPrivateText. Errors never
+// quote the input, which may be a secret.
+func ParsePrivateKey(text []byte) (*PrivateKey, error) {
+	s := strings.TrimSpace(string(text))
+	if !strings.HasPrefix(s, privateKeyPrefix) {
+		if _, err := ParsePublicKey(s); err == nil {
+			return nil, badKey("this is a public key; a private key file starts with %s", privateKeyPrefix)
+		}
+		return nil, badKey("private key must start with %s", privateKeyPrefix)
+	}
+	name, enc, ok := strings.Cut(s[len(privateKeyPrefix):], ":")
+	if !ok {
+		return nil, badKey("private key has no ':' after the curve name")
+	}
+	c, err := parseCurve(strings.ToLower(name))
+	if err != nil {
+		return nil, badKey("%v", err)
+	}
+	scalar, err := base64.RawURLEncoding.Strict().DecodeString(enc)
+	if err != nil || len(scalar) != 32 {
+		return nil, badKey("private key is not 32 bytes of unpadded base64url")
+	}
+	return NewPrivateKey(c, scalar)
+}
+
+// ErrKeyFilePermissions is returned when a private key file may be read by
+// users other than its owner.
+var ErrKeyFilePermissions = errors.New("noisetor: private key file is readable by group or others")
+
+// LoadPrivateKey reads a private key file written by SavePrivateKey. It refuses
+// a file that group or others may read or write (like ssh), so a key that has
+// been exposed is not used silently.
+func LoadPrivateKey(path string) (*PrivateKey, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
+	}
+	text, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)
+	}
+	k, err := ParsePrivateKey(text)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
+}
+
+// SavePrivateKey writes k to a new file at path with mode 0600. It refuses to
+// overwrite an existing file, so a key is never lost by accident.
+func SavePrivateKey(path string, k *PrivateKey) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("noisetor: %s already exists; refusing to overwrite a key", path)
+		}
+		return fmt.Errorf("noisetor: %w", err)
+	}
+	if _, err := f.Write(k.MarshalPrivateText()); err != nil {
+		f.Close()
+		os.Remove(path)
+		return fmt.Errorf("noisetor: writing %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("noisetor: writing %s: %w", path, err)
+	}
+	return nil
+}
