@@ -618,3 +618,21 @@ func PeerOf(c net.Conn) (Peer, bool) {
 	}
 	return Peer{}, false
 }
+
+type peerContextKey struct{}
+
+// ConnContext has the signature of http.Server.ConnContext. It records the
+// authenticated peer of a noisetor connection in the context, where handlers
+// find it with PeerFromContext.
+func ConnContext(ctx context.Context, c net.Conn) context.Context {
+	if p, ok := PeerOf(c); ok {
+		return context.WithValue(ctx, peerContextKey{}, p)
+	}
+	return ctx
+}
+
+// PeerFromContext returns the peer that ConnContext recorded.
+func PeerFromContext(ctx context.Context) (Peer, bool) {
+	p, ok := ctx.Value(peerContextKey{}).(Peer)
+	return p, ok
+}
