@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The README's test command. Installs what the tests need (tor, tor-gencert,
+# softhsm2) when missing, then runs every check: gofmt, go vet, the whole
+# suite under the race detector against a real private Tor network and real
+# SoftHSM2 tokens, and every fuzz target for NOISETOR_FUZZTIME seconds
+# (default 30; 0 skips the fuzzing, the seed corpora still run as tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+# Tests that need tor or SoftHSM fail here instead of skipping.
+export NOISETOR_REQUIRE_ALL=1
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "gofmt"
+unformatted=$(gofmt -l $(git ls-files '*.go' | grep -v '^internal/libtor/src/' || true))
+if [ -n "$unformatted" ]; then
+	echo "not gofmt'ed:"; echo "$unformatted"; exit 1
+fi
+
+step "go vet"
+go vet ./...
+
+step "go test -race"
+go test -race -count=1 -timeout 20m ./...
+
+fuzztime=${NOISETOR_FUZZTIME:-30}
+if [ "$fuzztime" != 0 ]; then
+	step "fuzz (${fuzztime}s per target)"
+	scripts/fuzz.sh "$fuzztime"
+fi
+
+step "all checks passed"
