@@ -101,9 +101,6 @@ type Config struct {
 	// Logger receives one record per connection attempt, in and out.
 	// Default: slog.Default().
 	Logger *slog.Logger
-
-	// Time returns the current time. Default: time.Now.
-	Time func() time.Time
 }
 
 const (
@@ -160,13 +157,6 @@ func (c *Config) logger() *slog.Logger {
 		return slog.Default()
 	}
 	return c.Logger
-}
-
-func (c *Config) now() time.Time {
-	if c.Time == nil {
-		return time.Now()
-	}
-	return c.Time()
 }
 
 // check reports a configuration that cannot work.

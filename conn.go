@@ -135,10 +135,14 @@ type outState struct {
 var readBufPool = sync.Pool{New: func() any { return new([maxMessage]byte) }}
 
 // writeBatch is how many full frames one Write seals before it writes them.
-const writeBatch = 4
+const (
+	writeBatch = 4
+	maxFrame   = frameHeader + maxMessage
+	rekeyFrame = frameHeader + 1 + aeadOverhead
+)
 
 var writeBufPool = sync.Pool{New: func() any {
-	b := make([]byte, 0, writeBatch*(frameHeader+maxMessage)+64)
+	b := make([]byte, 0, writeBatch*maxFrame+rekeyFrame)
 	return &b
 }}
 
@@ -186,7 +190,10 @@ func HandshakeInitiate(ctx context.Context, conn net.Conn, cfg *Config, ephemera
 	}
 	c := Client(conn, cfg, peer.Name)
 	c.ephemeral = ephemeral
-	return c, c.HandshakeContext(ctx)
+	if err := c.HandshakeContext(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // HandshakeRespond is the seed API's handshake_respond(ephemeral,
@@ -201,11 +208,11 @@ func HandshakeRespond(ctx context.Context, conn net.Conn, cfg *Config, ephemeral
 	c := Server(conn, cfg)
 	c.ephemeral = ephemeral
 	if err := c.HandshakeContext(ctx); err != nil {
-		return c, err
+		return nil, err
 	}
 	if !remoteStatic.IsZero() && c.state.Peer.PublicKey != remoteStatic {
 		c.Close()
-		return c, fmt.Errorf("%w: initiator is %q, not the expected key %v", ErrUnknownPeer, c.state.Peer.Name, remoteStatic)
+		return nil, fmt.Errorf("%w: initiator is %q, not the expected key %v", ErrUnknownPeer, c.state.Peer.Name, remoteStatic)
 	}
 	return c, nil
 }
@@ -410,7 +417,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 		bufp := writeBufPool.Get().(*[]byte)
 		out := (*bufp)[:0]
 		sealed := 0
-		for len(b) > 0 && cap(out)-len(out) >= 2*(frameHeader+maxMessage) {
+		for len(b) > 0 && cap(out)-len(out) >= maxFrame+rekeyFrame {
 			out = c.maybeRekey(out)
 			n := min(len(b), maxPayload)
 			out = c.out.half.seal(out, recordData, b[:n])

@@ -258,3 +258,50 @@ func TestHandshakeContextCancel(t *testing.T) {
 		t.Fatal("context was not honoured")
 	}
 }
+
+// The seed API's explicit-ephemeral entry points give byte-identical
+// transcripts for the same keys, ephemerals and randomness.
+func TestHandshakeInitiateRespondDeterministic(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	transcript := func() []byte {
+		var rec bytes.Buffer
+		x, y := tcpPair(t)
+		defer x.Close()
+		defer y.Close()
+		ea, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{7}, 32))
+		eb, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{9}, 32))
+		ps["a"].cfg.Random = bytes.NewReader(bytes.Repeat([]byte{1}, 64)) // preamble salt
+		done := make(chan error, 1)
+		go func() {
+			_, err := HandshakeRespond(context.Background(), &recordingConn{Conn: y, w: &syncWriter{b: &rec}}, ps["b"].cfg, eb, ps["a"].key.PublicKey())
+			done <- err
+		}()
+		c, err := HandshakeInitiate(context.Background(), &recordingConn{Conn: x, w: &syncWriter{b: &rec}}, ps["a"].cfg, ea, ps["b"].key.PublicKey())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if c.ConnectionState().Peer.Name != "b" {
+			t.Fatal("wrong peer")
+		}
+		return rec.Bytes()
+	}
+	one, two := transcript(), transcript()
+	if len(one) == 0 || !bytes.Equal(one, two) {
+		t.Fatalf("transcripts differ:\n%x\n%x", one, two)
+	}
+	ps["a"].cfg.Random = nil
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}

@@ -300,13 +300,17 @@ func (k *PrivateKey) DH(peer PublicKey) ([]byte, error) {
 }
 
 // String describes the key by its public half only.
-func (k *PrivateKey) String() string { return "noisetor.PrivateKey(" + k.pub.String() + ")" }
+//
+// String, GoString and Format have value receivers so that a dereferenced
+// key is covered too: for fmt.Sprintf("%s", *k), fmt would otherwise print
+// the inner *ecdh.PrivateKey, scalar included, after "%!s(".
+func (k PrivateKey) String() string { return "noisetor.PrivateKey(" + k.pub.String() + ")" }
 
 // GoString is like String, so %#v cannot leak the scalar either.
-func (k *PrivateKey) GoString() string { return k.String() }
+func (k PrivateKey) GoString() string { return k.String() }
 
 // Format prints String for every verb, so no fmt verb reveals the scalar.
-func (k *PrivateKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+func (k PrivateKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
 
 // MarshalPrivateText returns the private key file encoding,
 // "NOISETOR-PRIVATE-KEY-X25519:<base64url>\n". It is named so that nobody calls
