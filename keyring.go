@@ -622,10 +622,13 @@ func normalizeClientAuth(s string) (string, error) {
 	if len(s) > len(clientAuthPrefix) && strings.EqualFold(s[:len(clientAuthPrefix)], clientAuthPrefix) {
 		s = s[len(clientAuthPrefix):]
 	}
-	if strings.Contains(s, ":") {
+	if strings.Contains(strings.ToLower(s), ":descriptor:") {
 		// "<onion>:descriptor:x25519:<key>" is the .auth_private format,
 		// whose key is the client's private key.
 		return "", badKey("this looks like a Tor .auth_private line, which holds the PRIVATE client-auth key; use the public key (the descriptor:x25519:... line of the .auth file)")
+	}
+	if strings.Contains(s, ":") {
+		return "", badKey("want descriptor:x25519:<52 base32 characters>, or the bare key")
 	}
 	if len(s) != 52 {
 		return "", badKey("want 52 base32 characters (a 32-byte x25519 public key)")

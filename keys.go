@@ -371,7 +371,7 @@ func LoadPrivateKey(path string) (*PrivateKey, error) {
 	}
 	k, err := ParsePrivateKey(text)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+		return nil, &pathError{path, err}
 	}
 	return k, nil
 }
@@ -397,3 +397,15 @@ func SavePrivateKey(path string, k *PrivateKey) error {
 	}
 	return nil
 }
+
+// pathError puts a file name into a noisetor error: "noisetor: <path>: <problem>".
+type pathError struct {
+	path string
+	err  error
+}
+
+func (e *pathError) Error() string {
+	return "noisetor: " + e.path + ": " + strings.TrimPrefix(e.err.Error(), "noisetor: ")
+}
+
+func (e *pathError) Unwrap() error { return e.err }
