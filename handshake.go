@@ -47,7 +47,11 @@ func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
 		}
 		// The remote key is either from the keyring (checked when added) or
 		// a peer's key from the handshake; a low-order point makes DH fail.
-		return d.static.DH(PublicKey{curve: d.curve, raw: string(pub)})
+		out, err := d.static.DH(PublicKey{curve: d.curve, raw: string(pub)})
+		if err != nil && !errors.Is(err, ErrBadKey) {
+			return nil, &staticKeyError{err} // our key failed (a token went away), not the peer
+		}
+		return out, err
 	}
 	k := d.eph
 	if k == nil || !bytes.Equal(priv, k.Bytes()) {
@@ -64,6 +68,23 @@ func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
 }
 
 func (d *dhFunc) DHLen() int { return d.curve.publicKeyLen() }
+
+// staticKeyError marks a failure of this side's StaticKey, so that the
+// handshake reports it instead of blaming the peer's message.
+type staticKeyError struct{ err error }
+
+func (e *staticKeyError) Error() string { return e.err.Error() }
+func (e *staticKeyError) Unwrap() error { return e.err }
+
+// readMessageErr explains why hs.ReadMessage failed on a handshake message:
+// our own static key (such as a token that went away), or the message.
+func readMessageErr(err error, what string) error {
+	var se *staticKeyError
+	if errors.As(err, &se) {
+		return fmt.Errorf("%w: our static key failed: %w", ErrHandshake, se.err)
+	}
+	return fmt.Errorf("%w: %s", ErrHandshake, what)
+}
 
 func (d *dhFunc) DHName() string {
 	if d.curve == P256 {
@@ -194,7 +215,7 @@ func (c *Conn) clientHandshake() error {
 	}
 	payload, cs1, cs2, err := hs.ReadMessage(nil, msg2)
 	if err != nil {
-		return fmt.Errorf("%w: message 2 did not authenticate (the responder does not hold the key we have for it, or the bytes were altered)", ErrHandshake)
+		return readMessageErr(err, "message 2 did not authenticate (the responder does not hold the key we have for it, or the bytes were altered)")
 	}
 	if len(payload) != 0 {
 		return fmt.Errorf("%w: message 2 carries a payload", ErrHandshake)
@@ -293,7 +314,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	}
 	payload, _, _, err := hs.ReadMessage(nil, msg1)
 	if err != nil {
-		return fmt.Errorf("%w: message 1 did not authenticate (altered, or the caller's key for us is wrong)", ErrHandshake)
+		return readMessageErr(err, "message 1 did not authenticate (altered, or the caller's key for us is wrong)")
 	}
 	if len(payload) != 0 {
 		return fmt.Errorf("%w: message 1 carries a payload", ErrHandshake)
@@ -316,7 +337,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		}
 		payload, cs1, cs2, err = hs.ReadMessage(nil, msg3)
 		if err != nil {
-			return fmt.Errorf("%w: message 3 did not authenticate", ErrHandshake)
+			return readMessageErr(err, "message 3 did not authenticate")
 		}
 		if len(payload) != 0 {
 			return fmt.Errorf("%w: message 3 carries a payload", ErrHandshake)
