@@ -1,0 +1,1833 @@
+package noisetor
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdh"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha3"
+	"encoding/base32"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/textproto"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cretz/bine/control"
+	"github.com/cretz/bine/process"
+	torEd25519 "github.com/cretz/bine/torutil/ed25519"
+	"golang.org/x/net/proxy"
+)
+
+// Errors of the Tor integration. Errors returned by Tor, OnionListener and
+// TorDialer wrap these where they apply, for errors.Is.
+var (
+	// ErrTorNotFound: the tor executable is not installed.
+	ErrTorNotFound = errors.New("noisetor: tor executable not found (Debian/Ubuntu: apt-get install tor)")
+
+	// ErrTorVersion: tor is older than MinTorVersion.
+	ErrTorVersion = errors.New("noisetor: tor is too old")
+
+	// ErrTorAuth: tor's control port refused our authentication.
+	ErrTorAuth = errors.New("noisetor: tor control port refused authentication")
+
+	// ErrTorDown: tor is not running or its control port cannot be reached;
+	// a supervised Tor keeps trying to bring it back.
+	ErrTorDown = errors.New("noisetor: tor is not available")
+
+	// ErrTorClosed: the Tor (or the OnionListener) has been closed.
+	ErrTorClosed = errors.New("noisetor: tor handle closed")
+
+	// ErrOnionClientAuth: an onion service could not be reached because of
+	// client authorization: this tor has no client-auth key for it, or the
+	// service does not list our key (we are not in its keyring).
+	ErrOnionClientAuth = errors.New("noisetor: onion service client authorization failed")
+
+	// ErrOnionUnreachable: tor could not connect to the onion service (no
+	// descriptor published, introduction or rendezvous failed, timeout).
+	ErrOnionUnreachable = errors.New("noisetor: onion service unreachable")
+)
+
+// MinTorVersion is the oldest tor release that StartTor and AttachTor
+// accept: the oldest series the Tor Project still supports when this was
+// written.
+const MinTorVersion = "0.4.8"
+
+// TorConfig configures StartTor.
+type TorConfig struct {
+	// DataDir is tor's DataDirectory, where it keeps its state (consensus,
+	// keys of the tor instance, lock file). Required: use a persistent
+	// directory so that restarts are fast. It is created with mode 0700.
+	DataDir string
+
+	// ExePath is the tor executable. Default: the tor linked into this
+	// binary if it was built with -tags embedtor, else "tor" from PATH.
+	ExePath string
+
+	// ProcessCreator, if set, creates the tor process instead of running
+	// ExePath; an embedded tor plugs in here. The process must accept tor's
+	// command line and open a TCP control port (--ControlPort auto with
+	// --ControlPortWriteToFile).
+	ProcessCreator process.Creator
+
+	// Torrc holds extra torrc lines, for example Bridge lines, or a private
+	// test network's DirAuthority (see package tortest). noisetor sets
+	// DataDirectory, ControlPort, SocksPort and CookieAuthentication itself on
+	// the command line, which takes precedence over the torrc.
+	Torrc []string
+
+	// ExtraArgs are appended to tor's command line.
+	ExtraArgs []string
+
+	// Logger receives tor's state changes (started, lost, restarted, onion
+	// services published) and tor's own log lines (warnings at Warn, the
+	// rest at Debug). Default: slog.Default().
+	Logger *slog.Logger
+}
+
+// TorAttachConfig configures AttachTor.
+type TorAttachConfig struct {
+	// Password is the control port password (HashedControlPassword), if tor
+	// uses one. Otherwise the cookie (SAFECOOKIE) or no authentication is
+	// used, whichever tor offers.
+	Password string
+
+	// SocksAddr is tor's SOCKS5 listener, "host:port" or "unix:/path".
+	// Default: the first one tor reports (GETINFO net/listeners/socks).
+	SocksAddr string
+
+	// Logger is as in TorConfig.
+	Logger *slog.Logger
+}
+
+// A Tor is a running tor process, launched by StartTor or attached to by
+// AttachTor, and supervised: when tor dies or its control connection drops,
+// a Tor started by StartTor launches tor again and an attached Tor
+// reconnects, both with backoff; then every open OnionListener is published
+// again under the same address and every client-authorization key is
+// registered again. While tor is down, dials fail at once with ErrTorDown.
+//
+// It is safe for concurrent use. Close stops the supervision (and the tor
+// process, if StartTor launched it).
+type Tor struct {
+	log         *slog.Logger
+	owned       bool
+	cfg         TorConfig // StartTor
+	exe         string    // StartTor without ProcessCreator: resolved ExePath
+	embedded    bool      // StartTor runs the tor linked into this binary (embedtor tag)
+	controlAddr string    // AttachTor
+	password    string    // AttachTor
+	socksAddr   string    // AttachTor override
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu         sync.Mutex
+	sess       *torSession // nil while tor is down
+	downErr    error       // why sess is nil
+	closed     bool
+	onions     map[*OnionListener]struct{}
+	clientAuth map[string]*ClientAuthKey // service ID → our key for it
+}
+
+// StartTor launches tor with cfg and returns once it has bootstrapped.
+// ctx bounds only the start-up: tor runs until Close.
+func StartTor(ctx context.Context, cfg *TorConfig) (*Tor, error) {
+	if cfg == nil || cfg.DataDir == "" {
+		return nil, errors.New("noisetor: TorConfig.DataDir is required (tor keeps its state there)")
+	}
+	t := newTor(cfg.Logger)
+	t.owned = true
+	t.cfg = *cfg
+	t.cfg.Torrc = slices.Clone(cfg.Torrc)
+	t.cfg.ExtraArgs = slices.Clone(cfg.ExtraArgs)
+	dir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	t.cfg.DataDir = dir
+	if t.cfg.ProcessCreator == nil && t.cfg.ExePath == "" {
+		// With the embedtor build tag: the tor linked into this binary.
+		t.cfg.ProcessCreator = defaultTorProcessCreator
+		t.embedded = defaultTorProcessCreator != nil
+	}
+	if t.cfg.ProcessCreator == nil {
+		exe := cfg.ExePath
+		if exe == "" {
+			exe = "tor"
+		}
+		if t.exe, err = exec.LookPath(exe); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrTorNotFound, err)
+		}
+		if err := checkTorExecutable(ctx, t.exe); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("noisetor: tor data directory: %w", err)
+	}
+	return t.start(ctx)
+}
+
+// AttachTor connects to an already running tor's control port, "host:port"
+// or "unix:/path", and returns once tor has bootstrapped. ctx bounds only
+// the start-up. The Tor reconnects if tor restarts; Close leaves tor
+// running.
+func AttachTor(ctx context.Context, controlAddr string, cfg *TorAttachConfig) (*Tor, error) {
+	if cfg == nil {
+		cfg = &TorAttachConfig{}
+	}
+	t := newTor(cfg.Logger)
+	t.controlAddr = controlAddr
+	t.password = cfg.Password
+	t.socksAddr = cfg.SocksAddr
+	return t.start(ctx)
+}
+
+func newTor(log *slog.Logger) *Tor {
+	if log == nil {
+		log = slog.Default()
+	}
+	t := &Tor{
+		log:        log,
+		onions:     make(map[*OnionListener]struct{}),
+		clientAuth: make(map[string]*ClientAuthKey),
+	}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	return t
+}
+
+func (t *Tor) start(ctx context.Context) (*Tor, error) {
+	s, err := t.connect(ctx)
+	if err != nil {
+		t.cancel()
+		return nil, err
+	}
+	t.mu.Lock()
+	t.sess = s
+	t.mu.Unlock()
+	if err := s.waitBootstrap(ctx); err != nil {
+		s.close()
+		t.cancel()
+		return nil, err
+	}
+	t.log.Info("noisetor: tor ready", "version", s.version, "socks", s.socksAddr, "pid", s.pid)
+	t.wg.Add(1)
+	go t.supervise(s)
+	return t, nil
+}
+
+// Close stops supervising tor, closes every OnionListener of this Tor and,
+// if StartTor launched tor, stops it. It waits for its goroutines to end.
+func (t *Tor) Close() error {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return nil
+	}
+	t.closed = true
+	s := t.sess
+	t.sess = nil
+	t.downErr = ErrTorClosed
+	var ls []*OnionListener
+	for l := range t.onions {
+		ls = append(ls, l)
+	}
+	t.mu.Unlock()
+	t.cancel()
+	for _, l := range ls {
+		l.closeLocal()
+	}
+	if s != nil {
+		if !t.owned {
+			s.forgetClientAuth()
+		}
+		s.close()
+	}
+	t.wg.Wait()
+	return nil
+}
+
+// SocksAddr returns the address of tor's SOCKS5 listener, or "" while tor
+// is down. It can change when tor is restarted.
+func (t *Tor) SocksAddr() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.sess == nil {
+		return ""
+	}
+	return t.sess.socksAddr
+}
+
+// supervise waits for the session to end, then brings tor back, for as
+// long as the Tor is open.
+func (t *Tor) supervise(s *torSession) {
+	defer t.wg.Done()
+	for {
+		select {
+		case <-t.ctx.Done():
+			return
+		case <-s.done:
+		}
+		if t.ctx.Err() != nil {
+			return
+		}
+		t.mu.Lock()
+		if t.sess == s {
+			t.sess = nil
+			t.downErr = s.err
+			for l := range t.onions {
+				l.resetPublication()
+			}
+		}
+		t.mu.Unlock()
+		what := "reconnecting"
+		if t.owned {
+			what = "restarting it"
+		}
+		t.log.Warn("noisetor: lost tor; "+what, "err", s.err)
+		s.close()
+
+		backoff := 250 * time.Millisecond
+		for {
+			select {
+			case <-t.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			ctx, cancel := context.WithTimeout(t.ctx, 2*time.Minute)
+			ns, err := t.connect(ctx)
+			cancel()
+			if err == nil {
+				s = ns
+				break
+			}
+			t.mu.Lock()
+			t.downErr = err
+			t.mu.Unlock()
+			backoff = min(2*backoff, 10*time.Second)
+			if t.ctx.Err() == nil {
+				t.log.Warn("noisetor: tor still unavailable", "err", err, "retry_in", backoff)
+			}
+		}
+		t.mu.Lock()
+		if t.closed {
+			t.mu.Unlock()
+			s.close()
+			return
+		}
+		t.sess = s
+		var ls []*OnionListener
+		for l := range t.onions {
+			ls = append(ls, l)
+		}
+		t.mu.Unlock()
+		t.log.Info("noisetor: tor is back", "version", s.version, "socks", s.socksAddr, "pid", s.pid, "onion_services", len(ls))
+		for _, l := range ls {
+			if err := l.publish(s); err != nil {
+				t.log.Error("noisetor: republishing onion service", "onion", l.Addr().String(), "err", err)
+			}
+		}
+		// Register client-auth keys before dials can go ahead.
+		t.mu.Lock()
+		auths := make(map[string]*ClientAuthKey, len(t.clientAuth))
+		for id, k := range t.clientAuth {
+			auths[id] = k
+		}
+		t.mu.Unlock()
+		for id, k := range auths {
+			if err := s.registerClientAuth(t.ctx, id, k); err != nil {
+				t.log.Error("noisetor: registering client-auth key", "onion", id+".onion", "err", err)
+			}
+		}
+		if err := s.waitBootstrap(t.ctx); err != nil && t.ctx.Err() == nil {
+			t.log.Warn("noisetor: tor did not bootstrap", "err", err)
+		}
+	}
+}
+
+// session returns the current session once tor has bootstrapped. It fails
+// at once with ErrTorDown while tor is down.
+func (t *Tor) session(ctx context.Context) (*torSession, error) {
+	t.mu.Lock()
+	s, closed, downErr := t.sess, t.closed, t.downErr
+	t.mu.Unlock()
+	if closed {
+		return nil, ErrTorClosed
+	}
+	if s == nil {
+		return nil, fmt.Errorf("%w: %v", ErrTorDown, downErr)
+	}
+	select {
+	case <-s.bootstrapped:
+		return s, nil
+	case <-s.done:
+		return nil, fmt.Errorf("%w: %v", ErrTorDown, s.err)
+	case <-ctx.Done():
+		return nil, fmt.Errorf("noisetor: waiting for tor to bootstrap: %w", ctx.Err())
+	}
+}
+
+// A torSession is one control connection to one run of tor (and, for a
+// Tor from StartTor, that tor process).
+type torSession struct {
+	t         *Tor
+	ctl       *torControl
+	version   string
+	socksNet  string // "tcp" or "unix"
+	socksAddr string
+	pid       int
+
+	proc       process.Process // StartTor only
+	owning     bool            // TAKEOWNERSHIP done: tor exits when ctl closes
+	procCancel context.CancelFunc
+	procDone   chan struct{}
+	procOut    *torOutput
+
+	bootstrapped chan struct{} // closed at 100 % bootstrap
+	bootOnce     sync.Once
+	done         chan struct{} // closed when tor or the control connection is gone
+	doneOnce     sync.Once
+	err          error // why done
+	closeOnce    sync.Once
+
+	authMu     sync.Mutex
+	registered map[string]*ClientAuthKey // client-auth keys registered with this tor
+}
+
+func (s *torSession) end(err error) {
+	s.doneOnce.Do(func() {
+		s.err = err
+		close(s.done)
+	})
+}
+
+// close ends the session: it closes the control connection (which makes a
+// tor launched by StartTor exit: it is the owning controller) and waits for
+// the process, killing it if it has not exited after 5 s.
+func (s *torSession) close() {
+	s.closeOnce.Do(func() {
+		s.end(ErrTorClosed)
+		s.ctl.close()
+		if s.proc != nil {
+			if !s.owning {
+				s.procCancel()
+			}
+			select {
+			case <-s.procDone:
+			case <-time.After(5 * time.Second):
+				s.procCancel()
+				<-s.procDone
+			}
+			s.procCancel()
+		}
+	})
+}
+
+// connect launches tor (StartTor) or dials its control port (AttachTor),
+// authenticates and reads what the session needs.
+func (t *Tor) connect(ctx context.Context) (_ *torSession, err error) {
+	s := &torSession{
+		t:            t,
+		bootstrapped: make(chan struct{}),
+		done:         make(chan struct{}),
+		registered:   make(map[string]*ClientAuthKey),
+	}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	var ctlNet, ctlAddr, password string
+	if t.owned {
+		if ctlAddr, err = s.launch(ctx); err != nil {
+			return nil, err
+		}
+		ctlNet = "tcp"
+	} else {
+		ctlNet, ctlAddr = splitNetAddr(t.controlAddr)
+		password = t.password
+	}
+	if s.ctl, err = dialTorControl(ctx, ctlNet, ctlAddr, password, s.onEvent); err != nil {
+		return nil, err
+	}
+	go func() {
+		<-s.ctl.done
+		s.end(fmt.Errorf("%w: control connection lost: %v", ErrTorDown, s.ctl.err))
+	}()
+	if s.proc != nil {
+		// The owning controller: tor exits when this connection closes, so
+		// it cannot outlive this process even if it is killed.
+		if _, err := s.ctl.request(ctx, "TAKEOWNERSHIP", "TAKEOWNERSHIP"); err != nil {
+			return nil, err
+		}
+		s.owning = true
+	}
+	info, err := s.ctl.getInfo(ctx, "version", "net/listeners/socks", "process/pid")
+	if err != nil {
+		return nil, err
+	}
+	s.version = info["version"]
+	if err := checkTorVersion(s.version); err != nil {
+		return nil, err
+	}
+	s.pid, _ = strconv.Atoi(info["process/pid"])
+	if t.socksAddr != "" {
+		s.socksNet, s.socksAddr = splitNetAddr(t.socksAddr)
+	} else {
+		socks := parseQuotedList(info["net/listeners/socks"])
+		if len(socks) == 0 {
+			return nil, fmt.Errorf("noisetor: tor at %s has no SOCKS port (add SocksPort to its torrc, or set TorAttachConfig.SocksAddr)", ctlAddr)
+		}
+		s.socksNet, s.socksAddr = splitNetAddr(socks[0])
+	}
+	if _, err := s.ctl.request(ctx, "SETEVENTS", "SETEVENTS HS_DESC"); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// launch starts the tor process and returns its control port address.
+func (s *torSession) launch(ctx context.Context) (string, error) {
+	t := s.t
+	dir := t.cfg.DataDir
+	torrc := filepath.Join(dir, "noisetor.torrc")
+	if err := os.WriteFile(torrc, []byte(strings.Join(t.cfg.Torrc, "\n")+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("noisetor: writing torrc: %w", err)
+	}
+	portFile := filepath.Join(dir, "noisetor-control.port")
+	os.Remove(portFile)
+	args := []string{
+		"-f", torrc,
+		"--DataDirectory", dir,
+		"--ControlPort", "auto",
+		"--ControlPortWriteToFile", portFile,
+		"--CookieAuthentication", "1",
+		// ExtendedErrors: SOCKS replies say why an onion service failed.
+		"--SocksPort", "127.0.0.1:auto ExtendedErrors",
+		// Until TAKEOWNERSHIP: tor exits if this process dies.
+		"__OwningControllerProcess", strconv.Itoa(os.Getpid()),
+	}
+	args = append(args, t.cfg.ExtraArgs...)
+	creator := t.cfg.ProcessCreator
+	if creator == nil {
+		s.procOut = &torOutput{log: t.log}
+		creator = process.CmdCreatorFunc(func(ctx context.Context, args ...string) (*exec.Cmd, error) {
+			cmd := exec.CommandContext(ctx, t.exe, args...)
+			cmd.Stdout, cmd.Stderr = s.procOut, s.procOut
+			cmd.WaitDelay = 2 * time.Second
+			return cmd, nil
+		})
+	}
+	// The tor process's life is bounded by close, never by ctx: ctx only
+	// bounds this start-up (bine's exec.CommandContext kills tor when its
+	// context ends).
+	var procCtx context.Context
+	procCtx, s.procCancel = context.WithCancel(context.Background())
+	p, err := creator.New(procCtx, args...)
+	if err != nil {
+		s.procCancel()
+		return "", fmt.Errorf("noisetor: creating tor process: %w", err)
+	}
+	if err := p.Start(); err != nil {
+		s.procCancel()
+		return "", fmt.Errorf("noisetor: starting tor: %w", err)
+	}
+	s.proc, s.procDone = p, make(chan struct{})
+	go func() {
+		err := p.Wait()
+		if err == nil {
+			err = errors.New("exited")
+		}
+		s.end(fmt.Errorf("%w: tor process: %v%s", ErrTorDown, err, s.procOut.tail()))
+		close(s.procDone)
+	}()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if b, err := os.ReadFile(portFile); err == nil {
+			if port, err := process.ControlPortFromFileContents(string(b)); err == nil {
+				return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), nil
+			}
+		}
+		select {
+		case <-s.done:
+			return "", s.err
+		case <-ctx.Done():
+			return "", fmt.Errorf("noisetor: tor opened no control port: %w%s", ctx.Err(), s.procOut.tail())
+		case <-tick.C:
+		}
+	}
+}
+
+// waitBootstrap waits until tor reports 100 % bootstrap.
+func (s *torSession) waitBootstrap(ctx context.Context) error {
+	var last string
+	for {
+		select {
+		case <-s.bootstrapped:
+			return nil
+		default:
+		}
+		info, err := s.ctl.getInfo(ctx, "status/bootstrap-phase")
+		if err != nil {
+			return err
+		}
+		last = info["status/bootstrap-phase"]
+		if strings.Contains(last+" ", " PROGRESS=100 ") {
+			s.bootOnce.Do(func() { close(s.bootstrapped) })
+			return nil
+		}
+		select {
+		case <-s.done:
+			return s.err
+		case <-ctx.Done():
+			return fmt.Errorf("noisetor: tor did not bootstrap (%s): %w", last, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// onEvent handles an asynchronous event from tor. It runs on the control
+// connection's reader goroutine, so it must not send commands.
+func (s *torSession) onEvent(code, data string) {
+	if code != "HS_DESC" {
+		return
+	}
+	ev := control.ParseHSDescEvent(data)
+	if ev.Action != "UPLOADED" && ev.Action != "UPLOAD_FAILED" {
+		return
+	}
+	s.t.mu.Lock()
+	var l *OnionListener
+	for o := range s.t.onions {
+		if o.id == ev.Address {
+			l = o
+		}
+	}
+	s.t.mu.Unlock()
+	if l != nil {
+		l.descriptorEvent(s, ev)
+	}
+}
+
+// registerClientAuth registers our client-auth key for an onion service
+// with this tor (ONION_CLIENT_AUTH_ADD), once per session.
+func (s *torSession) registerClientAuth(ctx context.Context, serviceID string, k *ClientAuthKey) error {
+	s.authMu.Lock()
+	defer s.authMu.Unlock()
+	if s.registered[serviceID] == k {
+		return nil
+	}
+	// 251 (replaced) and 252 (registered, and a cached descriptor decrypted)
+	// are success codes.
+	_, err := s.ctl.request(ctx, "ONION_CLIENT_AUTH_ADD",
+		"ONION_CLIENT_AUTH_ADD "+serviceID+" x25519:"+base64.StdEncoding.EncodeToString(k.priv.Bytes()))
+	if err != nil {
+		return err
+	}
+	s.registered[serviceID] = k
+	return nil
+}
+
+// forgetClientAuth removes the client-auth keys we registered with an
+// attached tor, which other programs may share.
+func (s *torSession) forgetClientAuth() {
+	s.authMu.Lock()
+	defer s.authMu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for id := range s.registered {
+		s.ctl.request(ctx, "ONION_CLIENT_AUTH_REMOVE", "ONION_CLIENT_AUTH_REMOVE "+id)
+	}
+	clear(s.registered)
+}
+
+// ---- control connection ----------------------------------------------------
+
+// A torControl is a control-port connection with one reader goroutine, so
+// that commands from many goroutines and asynchronous events interleave
+// safely. (bine's control.Conn reads replies in the calling goroutine, which
+// races with its own event loop.) bine parses the replies and authenticates.
+type torControl struct {
+	tc      *textproto.Conn
+	c       *control.Conn
+	onEvent func(code, data string)
+
+	wmu     sync.Mutex // held while queueing and writing a command
+	mu      sync.Mutex
+	pending []chan *control.Response // FIFO: tor answers commands in order
+	done    chan struct{}            // closed when the reader stops
+	err     error                    // why; set before done is closed
+}
+
+func dialTorControl(ctx context.Context, network, addr, password string, onEvent func(code, data string)) (*torControl, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: control port %s: %v", ErrTorDown, addr, err)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	} else {
+		conn.SetDeadline(time.Now().Add(30 * time.Second))
+	}
+	tc := textproto.NewConn(conn)
+	c := control.NewConn(tc)
+	if err := authenticateTor(c, password); err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("%w: %s: %v", ErrTorAuth, addr, err)
+	}
+	conn.SetDeadline(time.Time{})
+	k := &torControl{tc: tc, c: c, onEvent: onEvent, done: make(chan struct{})}
+	go k.readLoop()
+	return k, nil
+}
+
+// authenticateTor authenticates with the password if one is given and tor
+// accepts passwords, and otherwise as bine chooses (NULL, SAFECOOKIE).
+func authenticateTor(c *control.Conn, password string) error {
+	pi, err := c.ProtocolInfo()
+	if err != nil {
+		return err
+	}
+	if password != "" && pi.HasAuthMethod("HASHEDPASSWORD") {
+		// tor takes the password hex-encoded; it never appears in an error.
+		if _, err := c.SendRequest("AUTHENTICATE %x", password); err != nil {
+			return err
+		}
+		c.Authenticated = true
+		return nil
+	}
+	if password == "" && !pi.HasAuthMethod("NULL") && !pi.HasAuthMethod("SAFECOOKIE") && pi.HasAuthMethod("HASHEDPASSWORD") {
+		return errors.New("tor requires a control port password")
+	}
+	return c.Authenticate(password)
+}
+
+func (k *torControl) readLoop() {
+	for {
+		resp, err := k.c.ReadResponse()
+		if err != nil {
+			k.mu.Lock()
+			k.err = err
+			pending := k.pending
+			k.pending = nil
+			close(k.done)
+			k.mu.Unlock()
+			for _, ch := range pending {
+				close(ch)
+			}
+			return
+		}
+		if resp.Err.Code == control.StatusAsyncEvent {
+			line := resp.Reply
+			if len(resp.Data) > 0 {
+				line = resp.Data[0]
+			}
+			code, data, _ := strings.Cut(line, " ")
+			k.onEvent(code, data)
+			continue
+		}
+		k.mu.Lock()
+		var ch chan *control.Response
+		if len(k.pending) > 0 {
+			ch = k.pending[0]
+			k.pending = k.pending[1:]
+		}
+		k.mu.Unlock()
+		if ch != nil {
+			ch <- resp
+		}
+	}
+}
+
+// request sends one command line and waits for its reply. name is the
+// command's name for errors: the line itself may hold key material and is
+// never quoted. Any 2xx reply is success.
+func (k *torControl) request(ctx context.Context, name, line string) (*control.Response, error) {
+	ch := make(chan *control.Response, 1)
+	k.wmu.Lock()
+	k.mu.Lock()
+	select {
+	case <-k.done:
+		k.mu.Unlock()
+		k.wmu.Unlock()
+		return nil, fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err)
+	default:
+	}
+	k.pending = append(k.pending, ch)
+	k.mu.Unlock()
+	err := k.tc.PrintfLine("%s", line)
+	k.wmu.Unlock()
+	if err != nil {
+		k.tc.Close()
+		return nil, fmt.Errorf("%w: control connection: %v", ErrTorDown, err)
+	}
+	select {
+	case resp, ok := <-ch:
+		if !ok {
+			return nil, fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err)
+		}
+		if resp.Err.Code/100 != 2 {
+			return resp, fmt.Errorf("noisetor: tor refused %s: %d %s", name, resp.Err.Code, resp.Reply)
+		}
+		return resp, nil
+	case <-ctx.Done():
+		// The reply, when it comes, goes to the buffered ch and is dropped.
+		return nil, fmt.Errorf("noisetor: tor %s: %w", name, ctx.Err())
+	}
+}
+
+// getInfo runs GETINFO and returns the values by key.
+func (k *torControl) getInfo(ctx context.Context, keys ...string) (map[string]string, error) {
+	resp, err := k.request(ctx, "GETINFO", "GETINFO "+strings.Join(keys, " "))
+	if err != nil {
+		return nil, err
+	}
+	m := make(map[string]string, len(keys))
+	for _, d := range resp.Data {
+		key, val, _ := strings.Cut(d, "=")
+		// Multi-line values arrive as "key=\r\n<lines>".
+		m[key] = strings.TrimPrefix(val, "\r\n")
+	}
+	return m, nil
+}
+
+func (k *torControl) close() {
+	if k != nil {
+		k.tc.Close()
+		<-k.done
+	}
+}
+
+// ---- onion services --------------------------------------------------------
+
+// OnionConfig configures Tor.ListenOnion.
+type OnionConfig struct {
+	// KeyFile is the onion service's ed25519 key file. If it does not exist,
+	// a new key is generated and saved there (mode 0600); after that the
+	// service keeps its address. A file that group or others may read is
+	// refused. Either KeyFile or Key is required.
+	KeyFile string
+
+	// Key is the onion service key, if not read from KeyFile.
+	Key *OnionKey
+
+	// Port is the virtual port clients connect to, as in "<id>.onion:Port".
+	// Required.
+	Port int
+
+	// Keyring lists the peers that may connect: the ClientAuth keys of its
+	// peers are the service's client authorizations (Tor v3 client auth), so
+	// nobody else can even fetch the service's descriptor. The keyring is
+	// read each time the service is published (also after a tor restart).
+	Keyring *Keyring
+
+	// ClientAuth lists more client-authorization public keys (52-character
+	// base32), beyond those of Keyring.
+	ClientAuth []string
+
+	// NoClientAuth publishes the service without client authorization:
+	// anyone who learns the address can connect (the Noise handshake still
+	// admits only keyring peers). Without it, ListenOnion refuses to publish
+	// a service that no key is authorized for.
+	NoClientAuth bool
+
+	// PoWDefense turns on tor's proof-of-work defense against
+	// introduction floods (PoWDefensesEnabled=1).
+	PoWDefense bool
+
+	// Listener is the local listener that tor forwards connections to.
+	// Default: a new TCP listener on 127.0.0.1 with a random port. A
+	// *net.UnixListener is forwarded to as unix:<path>.
+	Listener net.Listener
+}
+
+// An OnionListener is a v3 onion service whose connections arrive on a
+// local listener. It implements net.Listener; wrap it with NewListener to
+// accept only authenticated noisetor connections. Every connection appears
+// to come from 127.0.0.1 (or the unix socket).
+type OnionListener struct {
+	t          *Tor
+	key        *OnionKey
+	id         string // service ID: the address without ".onion"
+	port       int
+	inner      net.Listener
+	target     string
+	keyring    *Keyring
+	extraAuth  []string
+	noAuth     bool
+	pow        bool
+	pubMu      sync.Mutex // serializes publish and Close
+	mu         sync.Mutex
+	pubSess    *torSession   // session the service was added on
+	published  chan struct{} // closed once a descriptor is uploaded on pubSess
+	isPub      bool
+	pubCount   int    // descriptors published, over all runs of tor
+	pubErr     string // reason of the last failed upload
+	closed     bool
+	published0 time.Time // when ListenOnion began, for the log
+}
+
+// ListenOnion publishes an onion service and returns once its descriptor
+// has been uploaded to the network, or ctx ends. The service stays
+// published (and is published again after a tor restart) until the
+// listener is closed.
+func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener, error) {
+	if cfg == nil || cfg.Port <= 0 || cfg.Port > 65535 {
+		return nil, errors.New("noisetor: OnionConfig.Port must be a port number")
+	}
+	key := cfg.Key
+	if cfg.PoWDefense && t.embedded && !embeddedTorHasPoW() {
+		// Such a tor accepts PoWDefensesEnabled=1 and silently runs without it.
+		return nil, errors.New("noisetor: PoWDefense: the embedded tor was built without onion-service proof-of-work (scripts/build-libtor.sh --gpl adds it, under the GPL-3.0)")
+	}
+	if key == nil {
+		if cfg.KeyFile == "" {
+			return nil, errors.New("noisetor: OnionConfig needs a KeyFile (or a Key)")
+		}
+		var created bool
+		var err error
+		if key, created, err = LoadOrCreateOnionKey(cfg.KeyFile); err != nil {
+			return nil, err
+		}
+		if created {
+			t.log.Info("noisetor: created onion service key", "file", cfg.KeyFile, "onion", key.Address())
+		}
+	}
+	l := &OnionListener{
+		t:          t,
+		key:        key,
+		id:         key.ServiceID(),
+		port:       cfg.Port,
+		keyring:    cfg.Keyring,
+		extraAuth:  slices.Clone(cfg.ClientAuth),
+		noAuth:     cfg.NoClientAuth,
+		pow:        cfg.PoWDefense,
+		published:  make(chan struct{}),
+		published0: time.Now(),
+	}
+	if _, err := l.clientAuthKeys(); err != nil {
+		return nil, err
+	}
+	l.inner = cfg.Listener
+	if l.inner == nil {
+		var err error
+		if l.inner, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			return nil, fmt.Errorf("noisetor: %w", err)
+		}
+	}
+	switch a := l.inner.Addr().(type) {
+	case *net.UnixAddr:
+		l.target = "unix:" + a.Name
+	default:
+		l.target = a.String()
+	}
+
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		l.inner.Close()
+		return nil, ErrTorClosed
+	}
+	for o := range t.onions {
+		if o.id == l.id {
+			t.mu.Unlock()
+			l.inner.Close()
+			return nil, fmt.Errorf("noisetor: onion service %s is already open", key.Address())
+		}
+	}
+	t.onions[l] = struct{}{}
+	s := t.sess
+	t.mu.Unlock()
+	if s != nil {
+		if err := l.publish(s); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
+	if err := l.WaitPublished(ctx); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// clientAuthKeys returns the ADD_ONION ClientAuthV3 values.
+func (l *OnionListener) clientAuthKeys() ([]string, error) {
+	var keys []string
+	add := func(who, k string) error {
+		raw, err := parseClientAuthPublic(k)
+		if err != nil {
+			return fmt.Errorf("noisetor: client-auth key of %s: %w", who, err)
+		}
+		s := torBase32.EncodeToString(raw)
+		if !slices.Contains(keys, s) {
+			keys = append(keys, s)
+		}
+		return nil
+	}
+	if l.keyring != nil {
+		for _, p := range l.keyring.Peers() {
+			if p.ClientAuth != "" {
+				if err := add("peer "+p.Name, p.ClientAuth); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	for _, k := range l.extraAuth {
+		if err := add("OnionConfig.ClientAuth", k); err != nil {
+			return nil, err
+		}
+	}
+	if len(keys) == 0 && !l.noAuth {
+		return nil, errors.New("noisetor: no client-authorization keys for the onion service: give keyring peers an auth= key, or set OnionConfig.NoClientAuth to publish it to anyone who knows the address")
+	}
+	return keys, nil
+}
+
+// publish adds the service to tor on session s (ADD_ONION with our key). The
+// descriptor upload that follows is reported by an HS_DESC event.
+func (l *OnionListener) publish(s *torSession) error {
+	l.pubMu.Lock()
+	defer l.pubMu.Unlock()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return ErrTorClosed
+	}
+	if l.pubSess == s {
+		l.mu.Unlock()
+		return nil
+	}
+	// Set before ADD_ONION: the upload event may be read before the reply
+	// reaches us.
+	l.pubSess = s
+	l.mu.Unlock()
+
+	auth, err := l.clientAuthKeys()
+	if err == nil {
+		var b strings.Builder
+		b.WriteString("ADD_ONION ED25519-V3:" + base64.StdEncoding.EncodeToString(l.key.expanded[:]))
+		if len(auth) > 0 {
+			b.WriteString(" Flags=V3Auth")
+		}
+		fmt.Fprintf(&b, " Port=%d,%s", l.port, l.target)
+		for _, k := range auth {
+			b.WriteString(" ClientAuthV3=" + k)
+		}
+		if l.pow {
+			b.WriteString(" PoWDefensesEnabled=1")
+		}
+		ctx, cancel := context.WithTimeout(l.t.ctx, 30*time.Second)
+		var resp *control.Response
+		resp, err = s.ctl.request(ctx, "ADD_ONION", b.String())
+		cancel()
+		if err == nil {
+			var id string
+			for _, d := range resp.Data {
+				if v, ok := strings.CutPrefix(d, "ServiceID="); ok {
+					id = v
+				}
+			}
+			if id != l.id {
+				err = fmt.Errorf("noisetor: tor published the key as %q, not %s.onion", id, l.id)
+			}
+		}
+	}
+	if err != nil {
+		l.mu.Lock()
+		if l.pubSess == s {
+			l.pubSess = nil
+		}
+		l.mu.Unlock()
+		return fmt.Errorf("noisetor: publishing onion service %s: %w", l.Addr(), err)
+	}
+	l.t.log.Debug("noisetor: onion service added to tor; waiting for descriptor upload", "onion", l.Addr().String(), "client_auth_keys", len(auth))
+	return nil
+}
+
+// descriptorEvent records an HS_DESC upload result for session s.
+func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.pubSess != s || l.closed {
+		return
+	}
+	if ev.Action == "UPLOAD_FAILED" {
+		l.pubErr = ev.Reason
+		return
+	}
+	if !l.isPub {
+		l.isPub = true
+		l.pubCount++
+		close(l.published)
+		l.t.log.Info("noisetor: onion service published", "onion", l.Addr().String(),
+			"after", time.Since(l.published0).Round(time.Millisecond))
+	}
+}
+
+// resetPublication marks the service unpublished after tor was lost.
+// Called with l.t.mu held.
+func (l *OnionListener) resetPublication() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.pubSess = nil
+	if l.isPub {
+		l.isPub = false
+		l.published = make(chan struct{})
+	}
+	l.published0 = time.Now()
+}
+
+// WaitPublished waits until the service's descriptor has been uploaded on
+// the current run of tor: at once after ListenOnion, and after a tor
+// restart until it has been published again.
+func (l *OnionListener) WaitPublished(ctx context.Context) error {
+	for {
+		l.mu.Lock()
+		ch, closed := l.published, l.closed
+		l.mu.Unlock()
+		if closed {
+			return ErrTorClosed
+		}
+		select {
+		case <-ch:
+			return nil
+		case <-l.t.ctx.Done():
+			return ErrTorClosed
+		case <-ctx.Done():
+			l.mu.Lock()
+			reason := l.pubErr
+			l.mu.Unlock()
+			l.t.mu.Lock()
+			down := l.t.downErr
+			if l.t.sess != nil {
+				down = nil
+			}
+			l.t.mu.Unlock()
+			switch {
+			case down != nil:
+				return fmt.Errorf("noisetor: onion service %s not published: %w (%v)", l.Addr(), ctx.Err(), down)
+			case reason != "":
+				return fmt.Errorf("noisetor: onion service %s not published: %w (last upload failed: %s)", l.Addr(), ctx.Err(), reason)
+			}
+			return fmt.Errorf("noisetor: onion service %s not published: %w", l.Addr(), ctx.Err())
+		case <-time.After(time.Second):
+			// The channel is replaced when tor is lost; look again.
+		}
+	}
+}
+
+// Accept waits for the next connection to the onion service.
+func (l *OnionListener) Accept() (net.Conn, error) {
+	c, err := l.inner.Accept()
+	if err != nil {
+		l.mu.Lock()
+		closed := l.closed
+		l.mu.Unlock()
+		if closed {
+			return nil, &net.OpError{Op: "accept", Net: "onion", Addr: l.Addr(), Err: net.ErrClosed}
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+// Close removes the onion service from tor and closes the local listener.
+func (l *OnionListener) Close() error {
+	l.pubMu.Lock()
+	defer l.pubMu.Unlock()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	s := l.pubSess
+	l.pubSess = nil
+	l.mu.Unlock()
+	l.t.mu.Lock()
+	delete(l.t.onions, l)
+	l.t.mu.Unlock()
+	if s != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.ctl.request(ctx, "DEL_ONION", "DEL_ONION "+l.id)
+		cancel()
+	}
+	return l.inner.Close()
+}
+
+// closeLocal closes the listener without talking to tor (Tor.Close).
+func (l *OnionListener) closeLocal() {
+	l.mu.Lock()
+	l.closed = true
+	l.pubSess = nil
+	l.mu.Unlock()
+	l.t.mu.Lock()
+	delete(l.t.onions, l)
+	l.t.mu.Unlock()
+	l.inner.Close()
+}
+
+// Addr returns the onion address, an *OnionAddr.
+func (l *OnionListener) Addr() net.Addr { return &OnionAddr{ServiceID: l.id, Port: l.port} }
+
+// OnionAddress returns the service's onion address, "<56 characters>.onion".
+// Clients dial Addr().String(), "<address>:<port>", which is what goes in
+// their keyrings.
+func (l *OnionListener) OnionAddress() string { return l.id + ".onion" }
+
+// LocalAddr returns the address of the local listener that tor forwards to.
+func (l *OnionListener) LocalAddr() net.Addr { return l.inner.Addr() }
+
+// An OnionAddr is the address of an onion service.
+type OnionAddr struct {
+	ServiceID string // the 56 base32 characters before ".onion"
+	Port      int
+}
+
+// Network returns "onion".
+func (a *OnionAddr) Network() string { return "onion" }
+
+// String returns "<ServiceID>.onion:<Port>".
+func (a *OnionAddr) String() string {
+	return net.JoinHostPort(a.ServiceID+".onion", strconv.Itoa(a.Port))
+}
+
+// ---- dialing ---------------------------------------------------------------
+
+// A TorDialer connects through tor's SOCKS5 port. Each destination gets its
+// own circuits (stream isolation by SOCKS username). Use it as the
+// NetDialer of a noisetor Dialer:
+//
+//	d := &noisetor.Dialer{Config: cfg, NetDialer: &noisetor.TorDialer{Tor: t, ClientAuth: key}}
+type TorDialer struct {
+	// Tor is the tor to dial through. Required.
+	Tor *Tor
+
+	// ClientAuth, if set, is this machine's client-authorization key. Before
+	// the first dial to an onion address it is registered with tor for that
+	// address (ONION_CLIENT_AUTH_ADD), and again after a tor restart.
+	ClientAuth *ClientAuthKey
+
+	// RetryFor bounds how long failures that may pass (descriptor not found
+	// yet, introduction or rendezvous failures, timeouts) are retried, with
+	// backoff, within the context's deadline. Default 30s; negative: no
+	// retries. Failures that will not pass (client authorization refused,
+	// tor down) return at once.
+	RetryFor time.Duration
+}
+
+var (
+	_ net.Listener  = (*OnionListener)(nil)
+	_ ContextDialer = (*TorDialer)(nil)
+	_ ContextDialer = (*Tor)(nil)
+)
+
+// Dialer returns a TorDialer through t that registers clientAuth (which may
+// be nil) for the onion services it dials.
+func (t *Tor) Dialer(clientAuth *ClientAuthKey) *TorDialer {
+	return &TorDialer{Tor: t, ClientAuth: clientAuth}
+}
+
+// DialContext is TorDialer{Tor: t}.DialContext: it dials addr through tor.
+func (t *Tor) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return (&TorDialer{Tor: t}).DialContext(ctx, network, addr)
+}
+
+// DialContext connects to addr, "host:port" (normally "<id>.onion:port"),
+// through tor. network must be "tcp".
+func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	if d.Tor == nil {
+		return nil, errors.New("noisetor: TorDialer.Tor is nil")
+	}
+	if network != "tcp" && network != "tcp4" && network != "tcp6" {
+		return nil, fmt.Errorf("noisetor: tor dials tcp only, not %q", network)
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	t := d.Tor
+	retryFor := d.RetryFor
+	if retryFor == 0 {
+		retryFor = 30 * time.Second
+	}
+	giveUp := time.Now().Add(max(retryFor, 0))
+	if d.ClientAuth != nil && strings.HasSuffix(strings.ToLower(host), ".onion") {
+		id := strings.ToLower(strings.TrimSuffix(strings.ToLower(host), ".onion"))
+		t.mu.Lock()
+		t.clientAuth[id] = d.ClientAuth
+		t.mu.Unlock()
+		s, err := t.session(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.registerClientAuth(ctx, id, d.ClientAuth); err != nil {
+			return nil, fmt.Errorf("noisetor: registering client-auth key for %s: %w", host, err)
+		}
+	}
+	backoff := 500 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		s, err := t.session(ctx)
+		if err != nil {
+			return nil, err
+		}
+		// Tor isolates streams with different SOCKS credentials onto
+		// different circuits (IsolateSOCKSAuth is on by default).
+		auth := &proxy.Auth{User: "noisetor:" + addr, Password: "noisetor"}
+		sd, err := proxy.SOCKS5(s.socksNet, s.socksAddr, auth, &net.Dialer{})
+		if err != nil {
+			return nil, fmt.Errorf("noisetor: %w", err)
+		}
+		c, err := sd.(proxy.ContextDialer).DialContext(ctx, "tcp", addr)
+		if err == nil {
+			return c, nil
+		}
+		derr := classifySOCKSError(addr, err)
+		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+			// tor hung up mid-exchange: if it is dying, say so.
+			select {
+			case <-s.done:
+				derr.Reason, derr.torDown = "tor went down", true
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+		if !derr.temporary() || ctx.Err() != nil || time.Now().Add(backoff).After(giveUp) {
+			return nil, derr
+		}
+		if dl, ok := ctx.Deadline(); ok && time.Now().Add(backoff).After(dl) {
+			return nil, derr
+		}
+		t.log.Debug("noisetor: tor dial failed; retrying", "addr", addr, "attempt", attempt, "err", derr, "retry_in", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil, derr
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// A TorDialError reports a connection that tor could not make.
+type TorDialError struct {
+	Addr    string // the destination
+	Reply   int    // the SOCKS5 reply code, or 0 if the SOCKS exchange did not get that far
+	Reason  string // what the reply code means
+	Err     error  // the underlying error
+	torDown bool   // tor's SOCKS port could not be reached
+}
+
+// Error says which destination failed and why, in tor's terms.
+func (e *TorDialError) Error() string {
+	if e.Reply != 0 {
+		return fmt.Sprintf("noisetor: tor could not connect to %s: %s (SOCKS reply 0x%02x)", e.Addr, e.Reason, e.Reply)
+	}
+	return fmt.Sprintf("noisetor: tor could not connect to %s: %s: %v", e.Addr, e.Reason, e.Err)
+}
+
+// Unwrap returns the underlying error and, where one applies,
+// ErrOnionClientAuth, ErrOnionUnreachable or ErrTorDown.
+func (e *TorDialError) Unwrap() []error {
+	errs := []error{e.Err}
+	switch e.Reply {
+	case 0xF4, 0xF5:
+		errs = append(errs, ErrOnionClientAuth)
+	case 0xF0, 0xF1, 0xF2, 0xF3, 0xF6, 0xF7, 0x01, 0x04, 0x06:
+		errs = append(errs, ErrOnionUnreachable)
+	case 0:
+		if e.torDown {
+			errs = append(errs, ErrTorDown)
+		}
+	}
+	return errs
+}
+
+// temporary reports whether a retry may succeed.
+func (e *TorDialError) temporary() bool {
+	switch e.Reply {
+	case 0xF0, 0xF2, 0xF3, 0xF7, 0x01, 0x04, 0x06:
+		return true
+	}
+	return false
+}
+
+// socksReasons explains the SOCKS5 replies, including tor's extended
+// onion-service codes (SocksPort ExtendedErrors; tor(1)).
+var socksReasons = map[int]string{
+	0x01: "general failure (tor gives details only if its SocksPort has the ExtendedErrors flag)",
+	0x02: "not allowed by tor's rules",
+	0x03: "network unreachable",
+	0x04: "host unreachable",
+	0x05: "connection refused by the destination (nothing listening on that port?)",
+	0x06: "timed out",
+	0x07: "command not supported",
+	0x08: "address type not supported",
+	0xF0: "onion service descriptor not found (not published, or not yet)",
+	0xF1: "onion service descriptor is invalid",
+	0xF2: "onion service introduction failed",
+	0xF3: "onion service rendezvous failed",
+	0xF4: "the onion service requires client authorization and this tor has no key for it",
+	0xF5: "client authorization refused: the onion service does not list our client-auth key (are we in its keyring?)",
+	0xF6: "invalid onion address",
+	0xF7: "onion service introduction timed out",
+}
+
+// classifySOCKSError turns an error of golang.org/x/net/proxy into a
+// *TorDialError. x/net reports a failed reply only as text: "unknown error
+// <reply>", where <reply> is its name for codes 1-8 and "unknown code: N"
+// for the rest.
+func classifySOCKSError(addr string, err error) *TorDialError {
+	e := &TorDialError{Addr: addr, Err: err}
+	msg := err.Error()
+	if i := strings.Index(msg, "unknown code: "); i >= 0 {
+		n, _ := strconv.Atoi(strings.TrimRightFunc(msg[i+len("unknown code: "):], func(r rune) bool { return r < '0' || r > '9' }))
+		e.Reply = n
+	} else {
+		for code, name := range socksStandardNames {
+			if strings.Contains(msg, "unknown error "+name) {
+				e.Reply = code
+			}
+		}
+	}
+	if e.Reply != 0 {
+		e.Reason = socksReasons[e.Reply]
+		if e.Reason == "" {
+			e.Reason = "SOCKS failure"
+		}
+		return e
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist) {
+		e.Reason = "cannot reach tor's SOCKS port (tor is down?)"
+		e.torDown = true
+	} else {
+		e.Reason = "SOCKS exchange with tor failed"
+	}
+	return e
+}
+
+// socksStandardNames are x/net's names of the SOCKS5 replies 1-8.
+var socksStandardNames = map[int]string{
+	0x01: "general SOCKS server failure",
+	0x02: "connection not allowed by ruleset",
+	0x03: "network unreachable",
+	0x04: "host unreachable",
+	0x05: "connection refused",
+	0x06: "TTL expired",
+	0x07: "command not supported",
+	0x08: "address type not supported",
+}
+
+// ---- keys ------------------------------------------------------------------
+
+// torBase32 is tor's base32: RFC 4648, no padding.
+var torBase32 = base32.StdEncoding.WithPadding(base32.NoPadding)
+
+// An OnionKey is the ed25519 identity key of a v3 onion service; its public
+// half is the service's address. It never prints its private part.
+type OnionKey struct {
+	expanded [64]byte // tor's expanded secret key: clamped scalar || prefix
+	pub      [32]byte
+}
+
+const onionKeyPrefix = "NOISETOR-ONION-KEY-ED25519-V3:"
+
+// torSecretKeyHeader starts tor's hs_ed25519_secret_key file.
+const torSecretKeyHeader = "== ed25519v1-secret: type0 ==\x00\x00\x00"
+
+// GenerateOnionKey returns a new onion service key with entropy from random
+// (crypto/rand if nil).
+func GenerateOnionKey(random io.Reader) (*OnionKey, error) {
+	if random == nil {
+		random = rand.Reader
+	}
+	seed := make([]byte, ed25519.SeedSize)
+	if _, err := io.ReadFull(random, seed); err != nil {
+		return nil, fmt.Errorf("noisetor: generating onion key: %w", err)
+	}
+	kp := torEd25519.FromCryptoPrivateKey(ed25519.NewKeyFromSeed(seed))
+	clear(seed)
+	k := &OnionKey{}
+	copy(k.expanded[:], kp.PrivateKey())
+	copy(k.pub[:], kp.PublicKey())
+	return k, nil
+}
+
+func newOnionKey(expanded []byte) (*OnionKey, error) {
+	if len(expanded) != 64 {
+		return nil, badKey("an onion service key is 64 bytes")
+	}
+	// A valid expanded key has a clamped scalar.
+	if expanded[0]&7 != 0 || expanded[31]&0xC0 != 0x40 {
+		return nil, badKey("not a valid ed25519 expanded secret key")
+	}
+	k := &OnionKey{}
+	copy(k.expanded[:], expanded)
+	copy(k.pub[:], torEd25519.PrivateKey(k.expanded[:]).PublicKey())
+	return k, nil
+}
+
+// ServiceID returns the service's address without ".onion": 56 base32
+// characters, per rend-spec-v3 §6.
+func (k *OnionKey) ServiceID() string {
+	h := sha3.New256()
+	h.Write([]byte(".onion checksum"))
+	h.Write(k.pub[:])
+	h.Write([]byte{3})
+	raw := append(append(k.pub[:], h.Sum(nil)[:2]...), 3)
+	return strings.ToLower(torBase32.EncodeToString(raw))
+}
+
+// Address returns the service's address, "<56 characters>.onion".
+func (k *OnionKey) Address() string { return k.ServiceID() + ".onion" }
+
+// String returns the address only, never the private key.
+func (k *OnionKey) String() string { return "noisetor.OnionKey(" + k.Address() + ")" }
+
+// GoString is like String.
+func (k *OnionKey) GoString() string { return k.String() }
+
+// Format prints String for every verb.
+func (k *OnionKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// MarshalPrivateText returns the key file encoding,
+// "NOISETOR-ONION-KEY-ED25519-V3:<base64url of tor's 64-byte expanded key>\n".
+func (k *OnionKey) MarshalPrivateText() []byte {
+	return []byte(onionKeyPrefix + base64.RawURLEncoding.EncodeToString(k.expanded[:]) + "\n")
+}
+
+// ParseOnionKey parses MarshalPrivateText's encoding, or the contents of
+// tor's own hs_ed25519_secret_key file (so an existing service keeps its
+// address). Errors never quote the input.
+func ParseOnionKey(b []byte) (*OnionKey, error) {
+	if rest, ok := bytes.CutPrefix(b, []byte(torSecretKeyHeader)); ok {
+		return newOnionKey(rest)
+	}
+	s := strings.TrimSpace(string(b))
+	enc, ok := strings.CutPrefix(s, onionKeyPrefix)
+	if !ok {
+		return nil, badKey("onion key must start with %s (or be tor's hs_ed25519_secret_key)", onionKeyPrefix)
+	}
+	raw, err := base64.RawURLEncoding.Strict().DecodeString(enc)
+	if err != nil {
+		return nil, badKey("onion key is not unpadded base64url")
+	}
+	return newOnionKey(raw)
+}
+
+// LoadOnionKey reads an onion key file. It refuses a file that group or
+// others may access (ErrKeyFilePermissions).
+func LoadOnionKey(path string) (*OnionKey, error) {
+	b, err := readPrivateFile(path)
+	if err != nil {
+		return nil, err
+	}
+	k, err := ParseOnionKey(b)
+	clear(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
+}
+
+// SaveOnionKey writes k to a new file with mode 0600; it never overwrites.
+func SaveOnionKey(path string, k *OnionKey) error {
+	return writePrivateFile(path, k.MarshalPrivateText())
+}
+
+// LoadOrCreateOnionKey loads the key at path, or generates one and saves it
+// there if the file does not exist; created reports which.
+func LoadOrCreateOnionKey(path string) (k *OnionKey, created bool, err error) {
+	k, err = LoadOnionKey(path)
+	if err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return k, false, err
+	}
+	if k, err = GenerateOnionKey(nil); err != nil {
+		return nil, false, err
+	}
+	if err := SaveOnionKey(path, k); err != nil {
+		return nil, false, err
+	}
+	return k, true, nil
+}
+
+// A ClientAuthKey is a Tor v3 onion client-authorization key pair
+// (x25519). The public half goes in the keyrings of the services this
+// machine connects to (Peer.ClientAuth); the private half stays here and is
+// registered with this machine's tor. It never prints its private part.
+type ClientAuthKey struct {
+	priv *ecdh.PrivateKey
+}
+
+const clientAuthKeyPrefix = "NOISETOR-TOR-CLIENT-AUTH-X25519:"
+
+// GenerateClientAuthKey returns a new key pair with entropy from random
+// (crypto/rand if nil).
+func GenerateClientAuthKey(random io.Reader) (*ClientAuthKey, error) {
+	if random == nil {
+		random = rand.Reader
+	}
+	b := make([]byte, 32)
+	defer clear(b)
+	if _, err := io.ReadFull(random, b); err != nil {
+		return nil, fmt.Errorf("noisetor: generating client-auth key: %w", err)
+	}
+	priv, err := ecdh.X25519().NewPrivateKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	return &ClientAuthKey{priv: priv}, nil
+}
+
+// PublicKey returns the public key as tor writes it: 52 characters of
+// base32, the form of Peer.ClientAuth and of the "descriptor:x25519:" line
+// of a tor authorized_clients file.
+func (k *ClientAuthKey) PublicKey() string {
+	return torBase32.EncodeToString(k.priv.PublicKey().Bytes())
+}
+
+// String returns the public key only.
+func (k *ClientAuthKey) String() string { return "noisetor.ClientAuthKey(" + k.PublicKey() + ")" }
+
+// GoString is like String.
+func (k *ClientAuthKey) GoString() string { return k.String() }
+
+// Format prints String for every verb.
+func (k *ClientAuthKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// MarshalPrivateText returns the key file encoding,
+// "NOISETOR-TOR-CLIENT-AUTH-X25519:<base32 private key>\n".
+func (k *ClientAuthKey) MarshalPrivateText() []byte {
+	return []byte(clientAuthKeyPrefix + torBase32.EncodeToString(k.priv.Bytes()) + "\n")
+}
+
+// ParseClientAuthKey parses MarshalPrivateText's encoding, or a line of a
+// tor .auth_private file ("<onion>:descriptor:x25519:<base32 private key>").
+// Errors never quote the input.
+func ParseClientAuthKey(b []byte) (*ClientAuthKey, error) {
+	s := strings.TrimSpace(string(b))
+	var enc string
+	if e, ok := strings.CutPrefix(s, clientAuthKeyPrefix); ok {
+		enc = e
+	} else if _, e, ok := strings.Cut(s, ":descriptor:x25519:"); ok {
+		enc = e
+	} else {
+		return nil, badKey("client-auth key must start with %s (or be a tor .auth_private line)", clientAuthKeyPrefix)
+	}
+	raw, err := torBase32.DecodeString(strings.ToUpper(enc))
+	defer clear(raw)
+	if err != nil || len(raw) != 32 {
+		return nil, badKey("client-auth key is not 32 bytes of base32")
+	}
+	priv, err := ecdh.X25519().NewPrivateKey(raw)
+	if err != nil {
+		return nil, badKey("client-auth key is invalid")
+	}
+	return &ClientAuthKey{priv: priv}, nil
+}
+
+// LoadClientAuthKey reads a client-auth key file. It refuses a file that
+// group or others may access (ErrKeyFilePermissions).
+func LoadClientAuthKey(path string) (*ClientAuthKey, error) {
+	b, err := readPrivateFile(path)
+	if err != nil {
+		return nil, err
+	}
+	k, err := ParseClientAuthKey(b)
+	clear(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
+}
+
+// SaveClientAuthKey writes k to a new file with mode 0600; it never
+// overwrites.
+func SaveClientAuthKey(path string, k *ClientAuthKey) error {
+	return writePrivateFile(path, k.MarshalPrivateText())
+}
+
+// parseClientAuthPublic decodes a 52-character base32 x25519 public key,
+// with or without tor's "descriptor:x25519:" prefix.
+func parseClientAuthPublic(s string) ([]byte, error) {
+	s = strings.TrimPrefix(strings.TrimSpace(s), "descriptor:x25519:")
+	raw, err := torBase32.DecodeString(strings.ToUpper(s))
+	if err != nil || len(raw) != 32 {
+		return nil, badKey("not a 52-character base32 x25519 public key")
+	}
+	if _, err := NewPublicKey(X25519, raw); err != nil {
+		return nil, err
+	}
+	return raw, nil
+}
+
+// readPrivateFile reads a small secret file, refusing one that group or
+// others may access.
+func readPrivateFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// writePrivateFile creates path with mode 0600 and writes b; it refuses to
+// overwrite an existing file.
+func writePrivateFile(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("noisetor: %s already exists; refusing to overwrite a key", path)
+		}
+		return fmt.Errorf("noisetor: %w", err)
+	}
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return fmt.Errorf("noisetor: writing %s: %w", path, err)
+	}
+	return nil
+}
+
+// ---- helpers ---------------------------------------------------------------
+
+var torVersionRE = regexp.MustCompile(`(\d+)\.(\d+)\.(\d+)`)
+
+// checkTorVersion checks a tor version string ("0.4.9.11 (git-…)" or
+// "Tor version 0.4.9.11.") against MinTorVersion.
+func checkTorVersion(v string) error {
+	m := torVersionRE.FindStringSubmatch(v)
+	if m == nil {
+		return fmt.Errorf("%w: cannot parse tor version %q", ErrTorVersion, v)
+	}
+	have := [3]int{}
+	for i := range have {
+		have[i], _ = strconv.Atoi(m[i+1])
+	}
+	want := [3]int{}
+	for i, f := range strings.Split(MinTorVersion, ".") {
+		want[i], _ = strconv.Atoi(f)
+	}
+	if slices.Compare(have[:], want[:]) < 0 {
+		return fmt.Errorf("%w: tor %s is installed; noisetor needs %s or newer", ErrTorVersion, m[0], MinTorVersion)
+	}
+	return nil
+}
+
+// checkTorExecutable runs "tor --version" so that a too-old tor is reported
+// as such rather than as a failure to start.
+func checkTorExecutable(ctx context.Context, exe string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, exe, "--version").Output()
+	if err != nil {
+		return fmt.Errorf("noisetor: running %s --version: %w", exe, err)
+	}
+	line, _, _ := strings.Cut(string(out), "\n")
+	return checkTorVersion(line)
+}
+
+// splitNetAddr splits "unix:/path" into ("unix", "/path"); anything else
+// is a TCP address.
+func splitNetAddr(a string) (network, addr string) {
+	if p, ok := strings.CutPrefix(a, "unix:"); ok {
+		return "unix", p
+	}
+	return "tcp", a
+}
+
+// parseQuotedList splits a GETINFO value such as `"127.0.0.1:9050" "unix:/x"`.
+func parseQuotedList(v string) []string {
+	var out []string
+	for _, f := range strings.Fields(v) {
+		if f = strings.Trim(f, `"`); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// torOutput receives tor's stdout and stderr and passes its lines to the
+// logger: warnings and errors at Warn, the rest at Debug. It keeps the last
+// lines for error messages.
+type torOutput struct {
+	log  *slog.Logger
+	mu   sync.Mutex
+	buf  []byte
+	last []string
+}
+
+func (o *torOutput) Write(p []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.buf = append(o.buf, p...)
+	for {
+		i := bytes.IndexByte(o.buf, '\n')
+		if i < 0 {
+			if len(o.buf) > 4096 {
+				o.buf = o.buf[:0]
+			}
+			return len(p), nil
+		}
+		line := string(bytes.TrimSpace(o.buf[:i]))
+		o.buf = o.buf[i+1:]
+		if line == "" {
+			continue
+		}
+		if len(o.last) == 5 {
+			o.last = o.last[1:]
+		}
+		o.last = append(o.last, line)
+		level := slog.LevelDebug
+		if strings.Contains(line, "[warn]") || strings.Contains(line, "[err]") {
+			level = slog.LevelWarn
+		}
+		o.log.Log(context.Background(), level, "tor: "+line)
+	}
+}
+
+// tail returns the last lines tor printed, for an error message.
+func (o *torOutput) tail() string {
+	if o == nil {
+		return ""
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if len(o.last) == 0 {
+		return ""
+	}
+	return "; tor said: " + strings.Join(o.last, " | ")
+}
