@@ -326,3 +326,19 @@ func TestBadConfig(t *testing.T) {
 		t.Fatalf("dial to an address no peer has: %v", err)
 	}
 }
+
+// After a frame fails to authenticate, Close sends no close record: the peer
+// sees a truncation, never a clean end of stream.
+func TestBadFrameThenCloseIsNotClean(t *testing.T) {
+	cc, sc := rawSession(t)
+	junk := make([]byte, 2+40)
+	binary.BigEndian.PutUint16(junk, 40)
+	sc.conn.Write(junk)
+	if _, err := cc.Read(make([]byte, 10)); !errors.Is(err, ErrFrame) {
+		t.Fatalf("got %v, want ErrFrame", err)
+	}
+	cc.Close()
+	if _, err := io.ReadAll(sc); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("peer of a connection that saw tampering read %v, want io.ErrUnexpectedEOF", err)
+	}
+}

@@ -121,6 +121,9 @@ type inState struct {
 	frameN int
 	plain  []byte // decrypted data not yet returned
 	err    error  // sticky
+	// broken is set once a frame failed to authenticate: Close then sends
+	// no close record, so the peer sees a truncation, not a clean end.
+	broken atomic.Bool
 }
 
 type outState struct {
@@ -326,6 +329,7 @@ func (c *Conn) readRecord() error {
 	}
 	size := int(binary.BigEndian.Uint16(in.hdr[:]))
 	if size < aeadOverhead+1 {
+		in.broken.Store(true)
 		in.err = fmt.Errorf("%w: %d-byte frame is shorter than the AEAD tag", ErrFrame, size)
 		return in.err
 	}
@@ -343,6 +347,7 @@ func (c *Conn) readRecord() error {
 	in.hdrN, in.frameN = 0, 0
 	typ, body, err := in.half.open(frame[:0], frame)
 	if err != nil {
+		in.broken.Store(true)
 		in.err = err
 		in.releaseBuf()
 		return err
@@ -357,6 +362,7 @@ func (c *Conn) readRecord() error {
 	case typ == recordClose && len(body) == 0:
 		in.err = io.EOF
 	default:
+		in.broken.Store(true)
 		in.err = fmt.Errorf("%w: unexpected record type %d", ErrFrame, typ)
 	}
 	in.releaseBuf()
@@ -542,13 +548,14 @@ func (c *Conn) Close() error {
 		return c.conn.Close()
 	}
 	var recordErr error
-	if c.handshakeDone.Load() && c.handshakeErr == nil {
+	if c.handshakeDone.Load() && c.handshakeErr == nil && !c.in.broken.Load() {
 		c.out.mu.Lock()
 		if c.out.pending != nil || !c.out.closed {
 			c.conn.SetWriteDeadline(time.Now().Add(closeRecordTimeout))
 			recordErr = c.sendClose()
 		}
 		c.out.mu.Unlock()
+		c.drainUnread()
 	}
 	if err := c.conn.Close(); err != nil {
 		return err
@@ -557,6 +564,28 @@ func (c *Conn) Close() error {
 		return fmt.Errorf("noisetor: close record not sent: %w", recordErr)
 	}
 	return nil
+}
+
+// closeDrainTimeout bounds how long Close reads what the peer has sent but
+// we have not read.
+const closeDrainTimeout = 20 * time.Millisecond
+
+// drainUnread reads and discards, briefly, data the peer sent that nobody
+// read. Closing a socket with unread data makes the kernel send a reset
+// instead of a FIN, and a reset can destroy what we wrote just before (tor,
+// for one, then drops the stream's last cells): the peer would lose our
+// final data and our close record. If a Read is in progress it is consuming
+// the data anyway, and Close does not wait for it.
+func (c *Conn) drainUnread() {
+	if !c.in.mu.TryLock() {
+		return
+	}
+	defer c.in.mu.Unlock()
+	if c.in.err != nil {
+		return // the peer's stream has ended or failed: nothing to drain
+	}
+	c.conn.SetReadDeadline(time.Now().Add(closeDrainTimeout))
+	io.Copy(io.Discard, c.conn)
 }
 
 // LocalAddr returns the local address of the underlying connection.

@@ -1148,8 +1148,17 @@ func (l *OnionListener) Accept() (net.Conn, error) {
 		}
 		return nil, err
 	}
-	return c, nil
+	return torStream{c}, nil
 }
+
+// torStream is a connection carried by a Tor stream. It hides the TCP
+// connection's CloseWrite: Tor streams cannot be half-closed, and tor ends
+// the whole stream on a FIN, so noisetor's CloseWrite must send only its
+// close record.
+type torStream struct{ net.Conn }
+
+// NetConn returns the local TCP connection to or from tor.
+func (s torStream) NetConn() net.Conn { return s.Conn }
 
 // Close removes the onion service from tor and closes the local listener.
 func (l *OnionListener) Close() error {
@@ -1300,7 +1309,7 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 		}
 		c, err := sd.(proxy.ContextDialer).DialContext(ctx, "tcp", addr)
 		if err == nil {
-			return c, nil
+			return torStream{c}, nil
 		}
 		derr := classifySOCKSError(addr, err)
 		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {

@@ -1,0 +1,1538 @@
+package noisetor
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// relayTestNet is a sync server on 127.0.0.1 and the peers around it. Every
+// peer's keyring lists every other peer, the sync server included: the
+// realistic worst case, since the sync server could then try to pass itself
+// off as a wallet to a watchtower.
+type relayTestNet struct {
+	peers map[string]*testPeer
+	srv   *RelayServer
+	addr  string
+}
+
+type relayTestOpts struct {
+	rules    RelayRules
+	patterns []Pattern
+	tweak    func(*RelayServer)
+}
+
+func newRelayTestNet(t *testing.T, o relayTestOpts, names ...string) *relayTestNet {
+	t.Helper()
+	n := &relayTestNet{peers: newTestPeers(t, append([]string{"sync"}, names...)...)}
+	for _, p := range n.peers {
+		p.cfg.Patterns = o.patterns
+	}
+	n.startServer(t, "127.0.0.1:0", o)
+	return n
+}
+
+func (n *relayTestNet) startServer(t *testing.T, addr string, o relayTestOpts) {
+	t.Helper()
+	ln, err := Listen("tcp", addr, n.peers["sync"].cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &RelayServer{Config: n.peers["sync"].cfg, Allow: o.rules.Allow, AcceptTimeout: 2 * time.Second}
+	if o.tweak != nil {
+		o.tweak(srv)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	n.srv, n.addr = srv, ln.Addr().String()
+	t.Cleanup(func() {
+		srv.Close()
+		if err := <-errc; !errors.Is(err, ErrRelayServerClosed) {
+			t.Errorf("Serve returned %v, want ErrRelayServerClosed", err)
+		}
+	})
+}
+
+func (n *relayTestNet) client(name string) *RelayClient {
+	return &RelayClient{Config: n.peers[name].cfg, Server: "sync", Address: n.addr}
+}
+
+// relayServeAll accepts from l until it is closed, running handle on each
+// connection in its own goroutine. Cleanup closes l and every accepted
+// connection and waits for the handlers.
+func relayServeAll(t *testing.T, l net.Listener, handle func(c net.Conn)) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+}
+
+// tower registers name with the sync server and serves relayed connections.
+func (n *relayTestNet) tower(t *testing.T, name string, handle func(c net.Conn)) net.Listener {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := n.client(name).Listen(ctx)
+	if err != nil {
+		t.Fatalf("%s: Listen: %v", name, err)
+	}
+	relayServeAll(t, l, handle)
+	return l
+}
+
+func relayEcho(c net.Conn) {
+	io.Copy(c, c)
+}
+
+func relayWaitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func relayCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// relayRaw opens an outer connection to the sync server as peer name, for
+// speaking the control protocol by hand.
+func (n *relayTestNet) relayRaw(t *testing.T, name string) *Conn {
+	t.Helper()
+	d := &Dialer{Config: n.peers[name].cfg, Peer: "sync"}
+	c, err := d.DialContext(relayCtx(t), "tcp", n.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c.(*Conn)
+}
+
+// checkNoSecrets fails if a private key of any peer appears in the logs.
+func (n *relayTestNet) checkNoSecrets(t *testing.T) {
+	t.Helper()
+	for _, p := range n.peers {
+		secret := string(p.key.MarshalPrivateText())
+		secret = strings.TrimSpace(secret)
+		for _, q := range n.peers {
+			if strings.Contains(q.logs.String(), secret) {
+				t.Errorf("%s's log holds %s's private key", q.name, p.name)
+			}
+		}
+	}
+}
+
+func TestRelayEndToEnd(t *testing.T) {
+	for _, pat := range []Pattern{KK, XK} {
+		t.Run(pat.String(), func(t *testing.T) {
+			checkNoGoroutineLeak(t)
+			n := newRelayTestNet(t, relayTestOpts{
+				rules:    RelayRules{{From: "wallet", To: "tower"}},
+				patterns: []Pattern{pat, KK},
+			}, "wallet", "tower")
+
+			towerSide := make(chan ConnectionState, 1)
+			towerOuter := make(chan ConnectionState, 1)
+			n.tower(t, "tower", func(c net.Conn) {
+				nc := c.(*Conn)
+				towerSide <- nc.ConnectionState()
+				towerOuter <- nc.NetConn().(*relayStream).Conn.ConnectionState()
+				msg, err := io.ReadAll(c) // until the wallet's CloseWrite
+				if err != nil {
+					t.Errorf("tower read: %v", err)
+					return
+				}
+				c.Write(append([]byte("reply:"), msg...))
+			})
+
+			start := time.Now()
+			c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			t.Logf("relayed dial (outer handshake, CONNECT, dial-back, inner handshake): %v", time.Since(start))
+			defer c.Close()
+
+			ws := c.ConnectionState()
+			ts := <-towerSide
+			if !ws.HandshakeComplete || !ws.Initiator || ws.Peer.Name != "tower" || ws.Peer.PublicKey != n.peers["tower"].key.PublicKey() || ws.Pattern != pat {
+				t.Errorf("wallet side state: %+v", ws)
+			}
+			if !ts.HandshakeComplete || ts.Initiator || ts.Peer.Name != "wallet" || ts.Peer.PublicKey != n.peers["wallet"].key.PublicKey() || ts.Pattern != pat {
+				t.Errorf("tower side state: %+v", ts)
+			}
+			if len(ws.HandshakeHash) != 32 || !bytes.Equal(ws.HandshakeHash, ts.HandshakeHash) {
+				t.Errorf("handshake hashes differ: %x vs %x", ws.HandshakeHash, ts.HandshakeHash)
+			}
+			// The outer sessions (with the sync server) are different ones.
+			if wo := c.NetConn().(*relayStream).Conn.ConnectionState(); bytes.Equal(wo.HandshakeHash, ws.HandshakeHash) || wo.Peer.Name != "sync" {
+				t.Errorf("wallet's outer session: %+v", wo)
+			}
+			if to := <-towerOuter; bytes.Equal(to.HandshakeHash, ts.HandshakeHash) || to.Peer.Name != "sync" {
+				t.Errorf("tower's outer session: %+v", to)
+			}
+			if p, ok := PeerOf(c); !ok || p.Name != "tower" {
+				t.Errorf("PeerOf(wallet conn) = %v, %v", p, ok)
+			}
+			if p, ok := PeerOf(c.NetConn()); !ok || p.Name != "sync" {
+				t.Errorf("PeerOf(wallet conn's NetConn) = %v, %v; want the sync server", p, ok)
+			}
+			if got := c.RemoteAddr().String(); got != "relay:sync" {
+				t.Errorf("RemoteAddr = %q", got)
+			}
+
+			// CloseWrite ends the wallet's direction end to end (the inner close
+			// record); the reply still comes back.
+			msg := bytes.Repeat([]byte("co-sign this transaction "), 10000)
+			if _, err := c.Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatalf("wallet read: %v\nSYNC:\n%s\nTOWER:\n%s", err, n.peers["sync"].logs, n.peers["tower"].logs)
+			}
+			if !bytes.Equal(got, append([]byte("reply:"), msg...)) {
+				t.Fatalf("wallet got %d bytes, want %d", len(got), len(msg)+6)
+			}
+			c.Close()
+
+			sync := n.peers["sync"].logs
+			relayWaitFor(t, "the session-end log line", func() bool {
+				return strings.Contains(sync.String(), "op=session from=wallet to=tower outcome=closed")
+			})
+			mustContain(t, sync.String(), "op=register from=tower outcome=ok", "op=connect from=wallet to=tower outcome=ok")
+			mustContain(t, n.peers["wallet"].logs.String(), "op=connect server=sync peer=tower outcome=ok")
+			mustContain(t, n.peers["tower"].logs.String(), "op=register server=sync outcome=ok", "op=accept server=sync outcome=ok",
+				"direction=in addr=relay:sync pattern="+pat.String())
+			n.checkNoSecrets(t)
+		})
+	}
+}
+
+func TestRelayHTTP(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}}, "wallet", "tower")
+	l, err := n.client("tower").Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type peerKey struct{}
+	hs := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello %s", r.Context().Value(peerKey{}))
+		}),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			p, _ := PeerOf(c)
+			return context.WithValue(ctx, peerKey{}, p.Name)
+		},
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); hs.Serve(l) }()
+	defer func() { hs.Close(); <-done }()
+
+	tr := &http.Transport{DialContext: n.client("wallet").DialContext}
+	defer tr.CloseIdleConnections()
+	for i := 0; i < 3; i++ { // the second and third reuse the connection
+		resp, err := (&http.Client{Transport: tr}).Get("http://tower/status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(body) != "hello wallet" {
+			t.Fatalf("body %q", body)
+		}
+	}
+	if got := strings.Count(n.peers["sync"].logs.String(), "op=connect from=wallet to=tower outcome=ok"); got != 1 {
+		t.Errorf("%d relayed connections, want 1 (keep-alive)", got)
+	}
+}
+
+func TestRelayPolicy(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}}, "wallet", "wallet2", "tower", "tower2")
+	n.tower(t, "tower", relayEcho)
+	n.tower(t, "tower2", relayEcho)
+
+	c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatalf("allowed dial: %v", err)
+	}
+	c.Close()
+
+	for _, tc := range []struct{ from, to string }{{"wallet2", "tower"}, {"wallet", "tower2"}} {
+		start := time.Now()
+		_, err := n.client(tc.from).Dial(relayCtx(t), tc.to)
+		var re *RelayError
+		if !errors.Is(err, ErrRelayDenied) || !errors.As(err, &re) || re.Code != "denied" {
+			t.Fatalf("%s -> %s: err = %v, want a denied RelayError", tc.from, tc.to, err)
+		}
+		t.Logf("%s -> %s refused in %v: %v", tc.from, tc.to, time.Since(start), err)
+		mustContain(t, err.Error(), "policy does not allow "+tc.from+" to reach "+tc.to)
+		mustContain(t, n.peers["sync"].logs.String(),
+			fmt.Sprintf(`op=connect from=%s to=%s outcome=denied reason="policy does not allow %s to reach %s"`, tc.from, tc.to, tc.from, tc.to))
+		mustContain(t, n.peers[tc.from].logs.String(), "op=connect server=sync peer="+tc.to+" outcome=denied")
+	}
+	// A denied request never reaches the watchtower.
+	if s := n.peers["tower2"].logs.String(); strings.Contains(s, "op=accept") {
+		t.Errorf("tower2 was asked to accept a denied connection:\n%s", s)
+	}
+	if got := strings.Count(n.peers["tower"].logs.String(), "op=accept"); got != 1 {
+		t.Errorf("tower accepted %d connections, want 1", got)
+	}
+
+	// No policy at all denies everything.
+	n2 := newRelayTestNet(t, relayTestOpts{tweak: func(s *RelayServer) { s.Allow = nil }}, "wallet", "tower")
+	n2.tower(t, "tower", relayEcho)
+	if _, err := n2.client("wallet").Dial(relayCtx(t), "tower"); !errors.Is(err, ErrRelayDenied) {
+		t.Fatalf("nil Allow: err = %v, want ErrRelayDenied", err)
+	}
+	mustContain(t, n2.peers["sync"].logs.String(), "relay server has no policy")
+}
+
+func TestRelayRules(t *testing.T) {
+	for _, tc := range []struct {
+		pat, name string
+		want      bool
+	}{
+		{"*", "anything", true},
+		{"wallet-*", "wallet-1", true},
+		{"wallet-*", "wallet-", true},
+		{"wallet-*", "wallet", false},
+		{"wallet-*", "xwallet-1", false},
+		{"*-tower", "eu-tower", true},
+		{"*-tower", "eu-tower2", false},
+		{"w?", "w1", true},
+		{"w?", "w12", false},
+		{"a*b*c", "abc", true},
+		{"a*b*c", "axxbyyc", true},
+		{"a*b*c", "axxbyy", false},
+		{"tower", "tower", true},
+		{"tower", "tower2", false},
+	} {
+		if got := relayMatch(tc.pat, tc.name); got != tc.want {
+			t.Errorf("relayMatch(%q, %q) = %v", tc.pat, tc.name, got)
+		}
+	}
+	rules := RelayRules{{From: "wallet-*", To: "tower-eu"}, {From: "ops", To: "*"}}
+	p := func(name string) Peer { return Peer{Name: name} }
+	for _, tc := range []struct {
+		from, to string
+		want     bool
+	}{
+		{"wallet-1", "tower-eu", true},
+		{"wallet-1", "tower-us", false},
+		{"ops", "tower-us", true},
+		{"tower-eu", "wallet-1", false},
+	} {
+		if got := rules.Allow(p(tc.from), p(tc.to)); got != tc.want {
+			t.Errorf("Allow(%s, %s) = %v", tc.from, tc.to, got)
+		}
+	}
+	peers := newTestPeers(t, "wallet-1", "tower-eu", "ops")
+	kr := peers["ops"].cfg.Keyring
+	if err := rules.Check(kr); err != nil {
+		t.Errorf("Check: %v", err)
+	}
+	if err := (RelayRules{{From: "walet-*", To: "tower-eu"}}).Check(kr); err == nil || !strings.Contains(err.Error(), `"walet-*" matches no peer`) {
+		t.Errorf("typo: %v", err)
+	}
+	if err := (RelayRules{{From: "Wallet[1]", To: "tower-eu"}}).Check(kr); err == nil {
+		t.Error("bad pattern accepted")
+	}
+}
+
+func TestRelayOfflinePeer(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{
+		rules: RelayRules{{From: "wallet", To: "*"}},
+		tweak: func(s *RelayServer) { s.AcceptTimeout = time.Second },
+	}, "wallet", "tower", "mute", "gone")
+	wallet := n.client("wallet")
+
+	check := func(peer, code string, max time.Duration) {
+		t.Helper()
+		start := time.Now()
+		_, err := wallet.Dial(relayCtx(t), peer)
+		d := time.Since(start)
+		var re *RelayError
+		if !errors.Is(err, ErrPeerOffline) || !errors.As(err, &re) || re.Code != code {
+			t.Fatalf("%s: err = %v, want ErrPeerOffline with code %s", peer, err, code)
+		}
+		if d > max {
+			t.Errorf("%s: error took %v, want under %v", peer, d, max)
+		}
+		t.Logf("%s: %v after %v", peer, err, d)
+	}
+
+	// Never registered.
+	check("tower", "offline", 2*time.Second)
+	mustContain(t, n.peers["sync"].logs.String(), `op=connect from=wallet to=tower outcome=offline reason="tower is not registered with the sync server"`)
+
+	// Registered, but never answers INCOMING: a hand-written watchtower.
+	mute := n.relayRaw(t, "mute")
+	if err := writeRelayLine(mute, "REGISTER"); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "OK ") {
+		t.Fatalf("REGISTER reply %q, %v", line, err)
+	}
+	check("mute", "no-answer", 2*time.Second)
+	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "INCOMING ") || !validRelayToken(line[9:]) {
+		t.Errorf("mute got %q, %v; want INCOMING <token>", line, err)
+	}
+	mustContain(t, n.peers["sync"].logs.String(), "op=connect from=wallet to=mute outcome=no-answer")
+
+	// Registered, then gone: the registration ends with the connection.
+	l, err := n.client("gone").Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	relayWaitFor(t, "the unregister", func() bool {
+		return strings.Contains(n.peers["sync"].logs.String(), `op=unregister from=gone outcome=done reason="peer closed the control connection"`)
+	})
+	check("gone", "offline", 2*time.Second)
+
+	// The target is in the wallet's keyring but not in the sync server's.
+	stranger, err := GenerateKey(X25519, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.peers["wallet"].cfg.Keyring.Add(Peer{Name: "stranger", PublicKey: stranger.PublicKey()}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = wallet.Dial(relayCtx(t), "stranger")
+	var re *RelayError
+	if !errors.Is(err, ErrUnknownPeer) || !errors.As(err, &re) || re.Code != "unknown-peer" {
+		t.Fatalf("stranger: err = %v", err)
+	}
+
+	// The sync server itself unreachable.
+	dead := &RelayClient{Config: n.peers["wallet"].cfg, Server: "sync", Address: "127.0.0.1:1"}
+	start := time.Now()
+	if _, err := dead.Dial(relayCtx(t), "tower"); err == nil || !strings.Contains(err.Error(), `reaching the sync server "sync"`) {
+		t.Fatalf("dead sync server: %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("dead sync server: error took %v", d)
+	}
+}
+
+// TestRelayProtocolByHand speaks the control protocol as WIRE.md §Relay
+// writes it, with a hand-written watchtower.
+func TestRelayProtocolByHand(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}}, "wallet", "tower", "other")
+
+	for _, tc := range []struct{ send, want string }{
+		{"HELLO", "ERR bad-request "},
+		{"REGISTER now", "ERR bad-request "},
+		{"CONNECT not-a-key", "ERR bad-request CONNECT needs the target's public key"},
+		{"ACCEPT 0123", "ERR bad-request "},
+		{"ACCEPT " + strings.Repeat("0", 32), "ERR bad-token unknown or expired token"},
+	} {
+		c := n.relayRaw(t, "other")
+		writeRelayLine(c, tc.send)
+		line, err := readRelayLine(c)
+		if err != nil || !strings.HasPrefix(line, tc.want) {
+			t.Errorf("%q: reply %q, %v; want %q", tc.send, line, err, tc.want)
+		}
+		if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+			t.Errorf("%q: after the ERR line, read %v; want a clean close", tc.send, err)
+		}
+	}
+	// An over-long line is dropped without a reply.
+	c := n.relayRaw(t, "other")
+	c.Write(bytes.Repeat([]byte("A"), 300))
+	if _, err := readRelayLine(c); err == nil {
+		t.Error("over-long line answered")
+	}
+
+	// A watchtower by hand: REGISTER, read INCOMING, ACCEPT, then run the
+	// end-to-end handshake as a plain noisetor Server.
+	ctrl := n.relayRaw(t, "tower")
+	writeRelayLine(ctrl, "REGISTER")
+	if line, _ := readRelayLine(ctrl); line != "OK 30000" {
+		t.Fatalf("REGISTER reply %q, want OK 30000 (the default ping interval in ms)", line)
+	}
+	type dialResult struct {
+		c   *Conn
+		err error
+	}
+	dialed := make(chan dialResult, 1)
+	go func() {
+		c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+		dialed <- dialResult{c, err}
+	}()
+	line, err := readRelayLine(ctrl)
+	token, ok := strings.CutPrefix(line, "INCOMING ")
+	if err != nil || !ok {
+		t.Fatalf("control line %q, %v", line, err)
+	}
+	// A token is good only for the peer it was sent to.
+	thief := n.relayRaw(t, "other")
+	writeRelayLine(thief, "ACCEPT "+token)
+	if line, _ := readRelayLine(thief); !strings.HasPrefix(line, "ERR bad-token") {
+		t.Errorf("token presented by another peer: %q", line)
+	}
+	acc := n.relayRaw(t, "tower")
+	writeRelayLine(acc, "ACCEPT "+token)
+	if line, _ := readRelayLine(acc); line != "OK" {
+		t.Fatalf("ACCEPT reply %q", line)
+	}
+	acc.SetDeadline(time.Time{})
+	inner := Server(acc, n.peers["tower"].cfg)
+	if err := inner.HandshakeContext(relayCtx(t)); err != nil {
+		t.Fatalf("hand-made watchtower handshake: %v", err)
+	}
+	r := <-dialed
+	if r.err != nil {
+		t.Fatalf("wallet Dial: %v", r.err)
+	}
+	defer r.c.Close()
+	if p, _ := PeerOf(inner); p.Name != "wallet" {
+		t.Errorf("hand-made watchtower sees %q", p.Name)
+	}
+	go r.c.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(inner, buf); err != nil || string(buf) != "ping" {
+		t.Errorf("read %q, %v", buf, err)
+	}
+	inner.Close()
+	// The token is spent.
+	again := n.relayRaw(t, "tower")
+	writeRelayLine(again, "ACCEPT "+token)
+	if line, _ := readRelayLine(again); !strings.HasPrefix(line, "ERR bad-token") {
+		t.Errorf("spent token: %q", line)
+	}
+
+	// A second registration of the same peer replaces the first.
+	ctrl2 := n.relayRaw(t, "tower")
+	writeRelayLine(ctrl2, "REGISTER")
+	if line, _ := readRelayLine(ctrl2); line != "OK 30000" {
+		t.Fatalf("second REGISTER reply %q", line)
+	}
+	if _, err := readRelayLine(ctrl); err == nil {
+		t.Error("first registration still open")
+	}
+	mustContain(t, n.peers["sync"].logs.String(), "op=register from=tower outcome=replaced")
+}
+
+func TestRelayPing(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{
+		rules: RelayRules{{From: "wallet", To: "*"}},
+		tweak: func(s *RelayServer) { s.PingInterval = 100 * time.Millisecond },
+	}, "wallet", "tower", "deaf")
+	n.tower(t, "tower", relayEcho)
+
+	// A watchtower that never answers PING is dropped after 2.5 intervals.
+	deaf := n.relayRaw(t, "deaf")
+	writeRelayLine(deaf, "REGISTER")
+	if line, _ := readRelayLine(deaf); line != "OK 100" {
+		t.Fatalf("REGISTER reply %q", line)
+	}
+	pings := 0
+	for {
+		line, err := readRelayLine(deaf)
+		if err != nil {
+			break
+		}
+		if line != "PING" {
+			t.Fatalf("deaf got %q", line)
+		}
+		pings++
+	}
+	if pings < 2 {
+		t.Errorf("%d PINGs before the drop", pings)
+	}
+	relayWaitFor(t, "the unregister log line", func() bool {
+		return strings.Contains(n.peers["sync"].logs.String(), `op=unregister from=deaf outcome=done reason="no PONG within 250ms: link presumed dead"`)
+	})
+	if _, err := n.client("wallet").Dial(relayCtx(t), "deaf"); !errors.Is(err, ErrPeerOffline) {
+		t.Errorf("deaf: %v", err)
+	}
+
+	// The RelayClient answers, so it stays registered.
+	time.Sleep(time.Second)
+	c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatalf("tower after 10 ping intervals: %v", err)
+	}
+	c.Close()
+	if s := n.peers["tower"].logs.String(); strings.Contains(s, "outcome=lost") {
+		t.Errorf("tower lost its registration:\n%s", s)
+	}
+}
+
+func TestRelayReconnect(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	o := relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}}
+	n := newRelayTestNet(t, o, "wallet", "tower")
+	n.tower(t, "tower", relayEcho)
+	wallet := n.client("wallet")
+	c, err := wallet.Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Restarting the sync server cuts live sessions (a truncation, not a
+	// clean close) and the watchtower's registration; it re-registers.
+	n.srv.Close()
+	if _, err := c.Read(make([]byte, 1)); err == nil || err == io.EOF {
+		t.Errorf("session cut by the restart: read %v, want a truncation error", err)
+	}
+	c.Close()
+	restart := time.Now()
+	n.startServer(t, n.addr, o)
+	relayWaitFor(t, "a relayed dial after the restart", func() bool {
+		c, err := wallet.Dial(relayCtx(t), "tower")
+		if err != nil {
+			if !errors.Is(err, ErrPeerOffline) {
+				t.Fatalf("dial after restart: %v", err)
+			}
+			return false
+		}
+		c.Close()
+		return true
+	})
+	t.Logf("watchtower reachable again %v after the sync server restarted", time.Since(restart))
+	mustContain(t, n.peers["tower"].logs.String(), "op=register server=sync outcome=lost", `outcome=ok reason=re-registered`)
+}
+
+// TestRelayManySessions runs 50 relayed sessions at once, one of which the
+// watchtower stops reading: it must not hold up the 49 others.
+func TestRelayManySessions(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}}, "wallet", "tower")
+	release := make(chan struct{})
+	var slowGot atomic.Int64
+	n.tower(t, "tower", func(c net.Conn) {
+		kind := make([]byte, 1)
+		if _, err := io.ReadFull(c, kind); err != nil {
+			return
+		}
+		if kind[0] == 'S' {
+			<-release // a stalled consumer
+			m, _ := io.Copy(io.Discard, c)
+			slowGot.Store(m)
+			c.Write([]byte("done"))
+			return
+		}
+		io.Copy(c, c)
+	})
+	wallet := n.client("wallet")
+
+	const slowSize = 32 << 20
+	slow, err := wallet.Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	slowDone := make(chan error, 1)
+	go func() {
+		_, err := slow.Write(append([]byte{'S'}, make([]byte, slowSize)...))
+		if err == nil {
+			err = slow.CloseWrite()
+		}
+		slowDone <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // let it fill the buffers on its path
+
+	const fast = 49
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, fast)
+	for i := 0; i < fast; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			c, err := wallet.Dial(ctx, "tower")
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			msg := make([]byte, 64<<10)
+			rand.Read(msg)
+			go func() {
+				c.Write(append([]byte{'F'}, msg...))
+				c.CloseWrite()
+			}()
+			got, err := io.ReadAll(c)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if !bytes.Equal(got, msg) {
+				errs <- fmt.Errorf("session %d: echo differs", i)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	elapsed := time.Since(start)
+	t.Logf("%d concurrent relayed sessions (dial + 64 KiB echo each) done in %v while one session stalled", fast, elapsed)
+	select {
+	case err := <-slowDone:
+		t.Fatalf("the stalled session's %d MiB write finished early (%v): the test did not stall it", slowSize>>20, err)
+	default:
+	}
+
+	close(release)
+	if err := <-slowDone; err != nil {
+		t.Fatalf("stalled session after release: %v", err)
+	}
+	slow.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if got, err := io.ReadAll(slow); err != nil || string(got) != "done" {
+		t.Fatalf("stalled session reply %q, %v", got, err)
+	}
+	if got := slowGot.Load(); got != slowSize {
+		t.Errorf("stalled session delivered %d bytes, want %d", got, slowSize)
+	}
+	slow.Close()
+	relayWaitFor(t, "50 session-end log lines", func() bool {
+		return strings.Count(n.peers["sync"].logs.String(), "op=session from=wallet to=tower") == fast+1
+	})
+	for _, line := range strings.Split(n.peers["sync"].logs.String(), "\n") {
+		if strings.Contains(line, "op=session") && !strings.Contains(line, "outcome=closed") {
+			t.Errorf("session did not end cleanly: %s", line)
+		}
+	}
+}
+
+// evilRelay is a malicious sync server: it holds the real sync server's key
+// (every peer trusts it as the sync server) and speaks the relay protocol,
+// written here from WIRE.md §Relay independently of RelayServer; what it
+// does with a relayed stream is up to onConnect.
+type evilRelay struct {
+	t         *testing.T
+	cfg       *Config
+	ln        net.Listener
+	addr      string
+	announce  string // reply to REGISTER
+	onConnect func(wallet *Conn, target Peer)
+
+	mu        sync.Mutex
+	ctrl      map[string]*Conn
+	accepts   map[string]chan *Conn
+	registers int
+	conns     []net.Conn
+	wg        sync.WaitGroup
+}
+
+func startEvilRelay(t *testing.T, cfg *Config, onConnect func(wallet *Conn, target Peer)) *evilRelay {
+	ln, err := Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &evilRelay{t: t, cfg: cfg, ln: ln, addr: ln.Addr().String(), announce: "OK 60000", onConnect: onConnect,
+		ctrl: map[string]*Conn{}, accepts: map[string]chan *Conn{}}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			e.mu.Lock()
+			e.conns = append(e.conns, c)
+			e.mu.Unlock()
+			e.wg.Add(1)
+			go func() {
+				defer e.wg.Done()
+				e.handle(c.(*Conn))
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		e.mu.Lock()
+		for _, c := range e.conns {
+			c.Close()
+		}
+		e.mu.Unlock()
+		e.wg.Wait()
+	})
+	return e
+}
+
+func (e *evilRelay) track(c net.Conn) {
+	if c == nil {
+		return
+	}
+	e.mu.Lock()
+	e.conns = append(e.conns, c)
+	e.mu.Unlock()
+}
+
+// evilReadLine reads bytes up to LF.
+func evilReadLine(r io.Reader) (string, error) {
+	var line []byte
+	b := make([]byte, 1)
+	for {
+		if _, err := io.ReadFull(r, b); err != nil {
+			return "", err
+		}
+		if b[0] == '\n' {
+			return string(line), nil
+		}
+		line = append(line, b[0])
+	}
+}
+
+func (e *evilRelay) handle(c *Conn) {
+	peer, _ := PeerOf(c)
+	line, err := evilReadLine(c)
+	if err != nil {
+		c.Close()
+		return
+	}
+	switch {
+	case line == "REGISTER":
+		io.WriteString(c, e.announce+"\n")
+		e.mu.Lock()
+		e.ctrl[peer.Name] = c
+		e.registers++
+		e.mu.Unlock()
+		io.Copy(io.Discard, c) // PONGs, until the peer goes
+		e.mu.Lock()
+		if e.ctrl[peer.Name] == c {
+			delete(e.ctrl, peer.Name)
+		}
+		e.mu.Unlock()
+	case strings.HasPrefix(line, "CONNECT "):
+		key, err := ParsePublicKey(line[8:])
+		if err != nil {
+			e.t.Errorf("evil relay: CONNECT with %q", line)
+			return
+		}
+		target, _ := e.cfg.Keyring.ByKey(key)
+		e.onConnect(c, target)
+	case strings.HasPrefix(line, "ACCEPT "):
+		e.mu.Lock()
+		ch := e.accepts[line[7:]]
+		e.mu.Unlock()
+		if ch != nil {
+			ch <- c
+		}
+	}
+}
+
+// incoming has the registered peer name open a stream, as an honest sync
+// server does, and returns it.
+func (e *evilRelay) incoming(name string) *Conn {
+	token := make([]byte, 16)
+	rand.Read(token)
+	tok := hex.EncodeToString(token)
+	ch := make(chan *Conn, 1)
+	e.mu.Lock()
+	e.accepts[tok] = ch
+	ctrl := e.ctrl[name]
+	e.mu.Unlock()
+	if ctrl == nil {
+		e.t.Errorf("evil relay: %s is not registered", name)
+		return nil
+	}
+	io.WriteString(ctrl, "INCOMING "+tok+"\n")
+	select {
+	case c := <-ch:
+		io.WriteString(c, "OK\n")
+		return c
+	case <-time.After(5 * time.Second):
+		e.t.Errorf("evil relay: %s did not ACCEPT", name)
+		return nil
+	}
+}
+
+// evilSplice copies wallet to tower and back like an honest relay, except
+// that tap sees (and may change) every chunk, with its offset in the stream.
+func evilSplice(wallet, tower *Conn, tap func(toTower bool, off int, p []byte)) {
+	if tower == nil { // incoming failed and said so
+		wallet.Close()
+		return
+	}
+	var wg sync.WaitGroup
+	cp := func(dst, src *Conn, toTower bool) {
+		defer wg.Done()
+		buf := make([]byte, 4096)
+		off := 0
+		for {
+			n, err := src.Read(buf)
+			if n > 0 {
+				tap(toTower, off, buf[:n])
+				off += n
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					break
+				}
+			}
+			if err == io.EOF {
+				dst.NetConn().(*net.TCPConn).CloseWrite()
+				return
+			}
+			if err != nil {
+				break
+			}
+		}
+		wallet.NetConn().Close()
+		tower.NetConn().Close()
+	}
+	wg.Add(2)
+	go cp(tower, wallet, true)
+	go cp(wallet, tower, false)
+	wg.Wait()
+	wallet.NetConn().Close()
+	tower.NetConn().Close()
+}
+
+// evilNet is a wallet and two watchtowers around a malicious sync server.
+type evilNet struct {
+	peers    map[string]*testPeer
+	evil     *evilRelay
+	accepted map[string]*atomic.Int32
+	towerLn  map[string]net.Listener
+}
+
+func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target Peer), towerHandle func(c net.Conn)) *evilNet {
+	n := &evilNet{peers: newTestPeers(t, "sync", "wallet", "tower", "tower2"), accepted: map[string]*atomic.Int32{}, towerLn: map[string]net.Listener{}}
+	var e *evilRelay
+	e = startEvilRelay(t, n.peers["sync"].cfg, func(w *Conn, target Peer) { onConnect(e, w, target) })
+	n.evil = e
+	for _, name := range []string{"tower", "tower2"} {
+		n.startTower(t, name, towerHandle)
+	}
+	return n
+}
+
+func (n *evilNet) startTower(t *testing.T, name string, handle func(c net.Conn)) {
+	rc := &RelayClient{Config: n.peers[name].cfg, Server: "sync", Address: n.evil.addr}
+	l, err := rc.Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.accepted[name] == nil {
+		n.accepted[name] = new(atomic.Int32)
+	}
+	count := n.accepted[name]
+	relayWaitFor(t, name+" registered", func() bool {
+		n.evil.mu.Lock()
+		defer n.evil.mu.Unlock()
+		return n.evil.ctrl[name] != nil
+	})
+	relayServeAll(t, l, func(c net.Conn) {
+		count.Add(1)
+		handle(c)
+	})
+	n.towerLn[name] = l
+}
+
+func (n *evilNet) wallet() *RelayClient {
+	return &RelayClient{Config: n.peers["wallet"].cfg, Server: "sync", Address: n.evil.addr}
+}
+
+// innerFailures counts the watchtower's failed end-to-end handshakes.
+func (n *evilNet) innerFailures(name string) int {
+	c := 0
+	for _, line := range strings.Split(n.peers[name].logs.String(), "\n") {
+		if strings.Contains(line, "direction=in addr=relay:sync") && strings.Contains(line, "outcome=failed") {
+			c++
+		}
+	}
+	return c
+}
+
+func relayNoPlaintext(t *testing.T, rec []byte, secret string) {
+	t.Helper()
+	if strings.Contains(string(rec), secret) {
+		t.Error("the relay saw the plaintext")
+	}
+	for i := 0; i+16 <= len(secret); i += 8 {
+		if bytes.Contains(rec, []byte(secret[i:i+16])) {
+			t.Errorf("the relay saw plaintext bytes %q", secret[i:i+16])
+		}
+	}
+}
+
+func TestRelayMaliciousServer(t *testing.T) {
+	secretBytes := make([]byte, 32)
+	rand.Read(secretBytes)
+	secret := "PSBT:" + hex.EncodeToString(secretBytes)
+
+	t.Run("RecordsTraffic", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		var mu sync.Mutex
+		var rec bytes.Buffer
+		n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+			tc := e.incoming(target.Name)
+			io.WriteString(w, "OK\n")
+			evilSplice(w, tc, func(_ bool, _ int, p []byte) {
+				mu.Lock()
+				rec.Write(p)
+				mu.Unlock()
+			})
+		}, relayEcho)
+		c, err := n.wallet().Dial(relayCtx(t), "tower")
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := strings.Repeat(secret, 100)
+		go func() { io.WriteString(c, msg); c.CloseWrite() }()
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != msg {
+			t.Fatalf("echo through the recording relay: %d bytes, %v", len(got), err)
+		}
+		c.Close()
+		relayWaitFor(t, "the splice to end", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return rec.Len() > 2*len(msg)
+		})
+		mu.Lock()
+		defer mu.Unlock()
+		t.Logf("relay recorded %d bytes carrying %d bytes of plaintext each way", rec.Len(), len(msg))
+		relayNoPlaintext(t, rec.Bytes(), secret)
+	})
+
+	// Flipping one bit anywhere is detected: by a failed handshake or a
+	// failed read, never by altered data.
+	for _, tc := range []struct {
+		name    string
+		toTower bool
+		off     int
+		want    string
+	}{
+		{"PreambleMagic", true, 1, "tower-refuses"},
+		{"PreambleTag", true, 30, "tower-refuses"},
+		{"Message1", true, 60, "tower-refuses"},
+		{"ConfirmRecord", true, 100, "tower-refuses-late"},
+		{"WalletData", true, 150, "tower-read-fails"},
+		{"Message2", false, 10, "wallet-refuses"},
+		{"TowerData", false, 80, "wallet-read-fails"},
+	} {
+		t.Run("Flip"+tc.name, func(t *testing.T) {
+			checkNoGoroutineLeak(t)
+			walletMsg := bytes.Repeat([]byte("w"), 1000)
+			towerMsg := bytes.Repeat([]byte("t"), 1000)
+			towerErr := make(chan error, 1)
+			n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+				tc2 := e.incoming(target.Name)
+				io.WriteString(w, "OK\n")
+				evilSplice(w, tc2, func(toTower bool, off int, p []byte) {
+					if toTower == tc.toTower && tc.off >= off && tc.off < off+len(p) {
+						p[tc.off-off] ^= 0x01
+					}
+				})
+			}, func(c net.Conn) {
+				buf := make([]byte, len(walletMsg))
+				if _, err := io.ReadFull(c, buf); err != nil {
+					towerErr <- err
+					return
+				}
+				if !bytes.Equal(buf, walletMsg) {
+					t.Error("the watchtower read altered data")
+				}
+				towerErr <- nil
+				c.Write(towerMsg)
+			})
+			c, dialErr := n.wallet().Dial(relayCtx(t), "tower")
+			var readErr error
+			if dialErr == nil {
+				c.Write(walletMsg)
+				buf := make([]byte, len(towerMsg))
+				if _, readErr = io.ReadFull(c, buf); readErr == nil && !bytes.Equal(buf, towerMsg) {
+					t.Error("the wallet read altered data")
+				}
+				c.Close()
+			}
+			t.Logf("wallet: dial %v; read %v", dialErr, readErr)
+			switch tc.want {
+			case "tower-refuses", "tower-refuses-late":
+				if (dialErr == nil) != (tc.want == "tower-refuses-late") {
+					t.Errorf("wallet dial: %v", dialErr)
+				}
+				if dialErr == nil && readErr == nil {
+					t.Error("wallet read succeeded")
+				}
+				relayWaitFor(t, "the watchtower's failed handshake", func() bool { return n.innerFailures("tower") == 1 })
+				if a := n.accepted["tower"].Load(); a != 0 {
+					t.Errorf("the watchtower accepted %d connections", a)
+				}
+			case "tower-read-fails":
+				if dialErr != nil {
+					t.Fatalf("dial: %v", dialErr)
+				}
+				if err := <-towerErr; !errors.Is(err, ErrFrame) {
+					t.Errorf("watchtower read: %v, want ErrFrame", err)
+				}
+				if readErr == nil {
+					t.Error("wallet read succeeded")
+				}
+			case "wallet-refuses":
+				if !errors.Is(dialErr, ErrHandshake) {
+					t.Errorf("wallet dial: %v, want ErrHandshake", dialErr)
+				}
+				relayWaitFor(t, "the watchtower's failed handshake", func() bool { return n.innerFailures("tower") == 1 })
+				if a := n.accepted["tower"].Load(); a != 0 {
+					t.Errorf("the watchtower accepted %d connections", a)
+				}
+			case "wallet-read-fails":
+				if dialErr != nil {
+					t.Fatalf("dial: %v", dialErr)
+				}
+				if !errors.Is(readErr, ErrFrame) {
+					t.Errorf("wallet read: %v, want ErrFrame", readErr)
+				}
+			}
+		})
+	}
+
+	// The sync server answers the wallet's handshake itself, with its own
+	// key (which the wallet's keyring holds, as the sync server's).
+	t.Run("SubstitutesKeyTowardWallet", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		type result struct{ gateErr, readMsg1Err error }
+		results := make(chan result, 2)
+		var n *evilNet
+		n = newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+			io.WriteString(w, "OK\n")
+			w.SetDeadline(time.Now().Add(10 * time.Second))
+			// Honestly, as a noisetor responder: the preamble is not for us.
+			raw := make([]byte, preambleLen)
+			if _, err := io.ReadFull(w, raw); err != nil {
+				t.Error(err)
+				return
+			}
+			pre, _ := parsePreamble(raw)
+			var r result
+			if !pre.tagMatches(n.peers["sync"].key.PublicKey(), n.peers["wallet"].key.PublicKey()) {
+				r.gateErr = ErrUnknownPeer
+			}
+			// Pushing on regardless: answer message 1 with our own key.
+			hs, err := newHandshakeState(handshakeParams{
+				pattern: pre.pattern, cipher: pre.cipher,
+				static: n.peers["sync"].key, remoteStatic: n.peers["wallet"].key.PublicKey(),
+				prologue: prologue(raw), random: rand.Reader,
+			})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			msg1, err := readMessage(w)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			_, _, _, r.readMsg1Err = hs.ReadMessage(nil, msg1)
+			results <- r
+			// Message 1 is sealed to the watchtower's key; all we can send is
+			// a message 2 of our own making.
+			fake := make([]byte, 48)
+			rand.Read(fake)
+			w.Write(appendMessage(nil, fake))
+			io.Copy(io.Discard, w)
+			w.Close()
+		}, relayEcho)
+		_, err := n.wallet().Dial(relayCtx(t), "tower")
+		if !errors.Is(err, ErrHandshake) {
+			t.Fatalf("wallet dial: %v, want ErrHandshake", err)
+		}
+		t.Logf("wallet: %v", err)
+		r := <-results
+		if r.gateErr == nil || r.readMsg1Err == nil {
+			t.Errorf("the sync server's key opened the wallet's handshake: tag %v, message 1 %v", r.gateErr, r.readMsg1Err)
+		}
+		if a := n.accepted["tower"].Load(); a != 0 {
+			t.Errorf("the watchtower accepted %d connections", a)
+		}
+	})
+
+	// The sync server opens an end-to-end handshake to the watchtower with
+	// its own key, hoping to pass for a wallet.
+	t.Run("SubstitutesKeyTowardTower", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		evilHS := make(chan error, 1)
+		var n *evilNet
+		n = newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+			io.WriteString(w, "ERR no-answer sorry\n")
+			w.Close()
+			tc := e.incoming(target.Name)
+			if tc == nil {
+				evilHS <- errors.New("no ACCEPT")
+				return
+			}
+			ic := Client(tc, n.peers["sync"].cfg, target.Name)
+			err := ic.HandshakeContext(context.Background())
+			evilHS <- err
+			if err == nil {
+				ic.Write([]byte("sign this"))
+			}
+			io.Copy(io.Discard, ic)
+			ic.Close()
+		}, relayEcho)
+		_, err := n.wallet().Dial(relayCtx(t), "tower")
+		if !errors.Is(err, ErrPeerOffline) {
+			t.Errorf("wallet dial: %v", err)
+		}
+		// The handshake itself succeeds (the watchtower's keyring holds the
+		// sync server's key); the relay listener must still refuse it.
+		if err := <-evilHS; err != nil {
+			t.Fatalf("the sync server's own handshake failed: %v (the point of this test is the filter after it)", err)
+		}
+		relayWaitFor(t, "the refusal", func() bool {
+			return strings.Contains(n.peers["tower"].logs.String(), "op=accept server=sync peer=sync outcome=refused")
+		})
+		if a := n.accepted["tower"].Load(); a != 0 {
+			t.Errorf("the watchtower accepted %d connections from the sync server", a)
+		}
+	})
+
+	// The wallet asks for tower; the sync server routes it to tower2.
+	t.Run("Misroutes", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+			tc := e.incoming("tower2")
+			io.WriteString(w, "OK\n")
+			evilSplice(w, tc, func(bool, int, []byte) {})
+		}, relayEcho)
+		_, err := n.wallet().Dial(relayCtx(t), "tower")
+		if err == nil {
+			t.Fatal("wallet reached tower2 thinking it was tower")
+		}
+		relayWaitFor(t, "tower2's failed handshake", func() bool { return n.innerFailures("tower2") == 1 })
+		mustContain(t, n.peers["tower2"].logs.String(), "KK preamble matches no keyring entry")
+		if a := n.accepted["tower2"].Load(); a != 0 {
+			t.Errorf("tower2 accepted %d connections", a)
+		}
+	})
+
+	// The sync server replays a recorded session to the watchtower.
+	t.Run("Replays", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		var mu sync.Mutex
+		var rec []byte
+		n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+			tc := e.incoming(target.Name)
+			io.WriteString(w, "OK\n")
+			evilSplice(w, tc, func(toTower bool, _ int, p []byte) {
+				if toTower {
+					mu.Lock()
+					rec = append(rec, p...)
+					mu.Unlock()
+				}
+			})
+		}, relayEcho)
+		c, err := n.wallet().Dial(relayCtx(t), "tower")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { io.WriteString(c, secret); c.CloseWrite() }()
+		if got, err := io.ReadAll(c); err != nil || string(got) != secret {
+			t.Fatalf("session: %q, %v", got, err)
+		}
+		c.Close()
+		relayWaitFor(t, "the session to be accepted", func() bool { return n.accepted["tower"].Load() == 1 })
+
+		replay := func() {
+			mu.Lock()
+			r := append([]byte(nil), rec...)
+			mu.Unlock()
+			tc := n.evil.incoming("tower")
+			if tc == nil {
+				t.FailNow()
+			}
+			n.evil.track(tc)
+			tc.Write(r)
+		}
+		// To the same listener: its replay cache drops it before any DH.
+		replay()
+		relayWaitFor(t, "the refused replay", func() bool { return n.innerFailures("tower") == 1 })
+		mustContain(t, n.peers["tower"].logs.String(), "replayed handshake")
+
+		// To a fresh listener (empty cache): the replayed confirm record
+		// cannot match the watchtower's new ephemeral key.
+		n.towerLn["tower"].Close()
+		relayWaitFor(t, "the old registration to end", func() bool {
+			n.evil.mu.Lock()
+			defer n.evil.mu.Unlock()
+			return n.evil.ctrl["tower"] == nil
+		})
+		n.startTower(t, "tower", relayEcho)
+		replay()
+		relayWaitFor(t, "the second refused replay", func() bool { return n.innerFailures("tower") == 2 })
+		mustContain(t, n.peers["tower"].logs.String(), "caller did not confirm the handshake")
+		if a := n.accepted["tower"].Load(); a != 1 {
+			t.Errorf("the watchtower accepted %d connections, want 1", a)
+		}
+	})
+
+	// A sync server that goes silent (no PING) is left for another try.
+	t.Run("GoesSilent", func(t *testing.T) {
+		checkNoGoroutineLeak(t)
+		peers := newTestPeers(t, "sync", "tower")
+		e := startEvilRelay(t, peers["sync"].cfg, func(*Conn, Peer) {})
+		e.announce = "OK 100"
+		rc := &RelayClient{Config: peers["tower"].cfg, Server: "sync", Address: e.addr}
+		l, err := rc.Listen(relayCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		relayWaitFor(t, "a second registration", func() bool {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			return e.registers >= 2
+		})
+		mustContain(t, peers["tower"].logs.String(), `outcome=lost reason="nothing from the sync server for 300ms"`)
+	})
+}
+
+func TestRelayConfig(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	peers := newTestPeers(t, "sync", "wallet-1", "tower")
+	dir := t.TempDir()
+	if err := SavePrivateKey(filepath.Join(dir, "sync.key"), peers["sync"].key); err != nil {
+		t.Fatal(err)
+	}
+	if err := peers["sync"].cfg.Keyring.Save(filepath.Join(dir, "sync.keyring")); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "relay.conf")
+	conf := "# sync server\nlisten 127.0.0.1:0\nkey sync.key\nkeyring sync.keyring   # every wallet and watchtower\n" +
+		"allow wallet-* tower\naccept-timeout 5s\nping-interval 1m\nmax-sessions 10\n"
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := LoadRelayConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rc.Listen != "127.0.0.1:0" || rc.KeyFile != filepath.Join(dir, "sync.key") || rc.KeyringFile != filepath.Join(dir, "sync.keyring") ||
+		len(rc.Rules) != 1 || rc.Rules[0] != (RelayRule{"wallet-*", "tower"}) ||
+		rc.AcceptTimeout != 5*time.Second || rc.PingInterval != time.Minute || rc.MaxSessions != 10 {
+		t.Fatalf("parsed %+v", rc)
+	}
+	srv, err := rc.NewServer(nil, peers["sync"].cfg.Logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := Listen("tcp", rc.Listen, srv.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	defer func() { srv.Close(); <-errc }()
+
+	n := &relayTestNet{peers: peers, srv: srv, addr: ln.Addr().String()}
+	n.tower(t, "tower", relayEcho)
+	c, err := n.client("wallet-1").Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatalf("dial through a config-file relay: %v", err)
+	}
+	c.Close()
+	if _, err := n.client("tower").Dial(relayCtx(t), "wallet-1"); !errors.Is(err, ErrRelayDenied) {
+		t.Errorf("reverse direction: %v", err)
+	}
+
+	// With a key from elsewhere (a token), the key file is not needed.
+	rc2 := *rc
+	rc2.KeyFile = ""
+	if _, err := rc2.NewServer(nil, nil); err == nil || !strings.Contains(err.Error(), "no key file") {
+		t.Errorf("no key at all: %v", err)
+	}
+	if s2, err := rc2.NewServer(peers["sync"].key, nil); err != nil || s2.Config.StaticKey != peers["sync"].key {
+		t.Errorf("NewServer with a given key: %v", err)
+	}
+
+	// A config others can write is refused.
+	os.Chmod(path, 0o666)
+	if _, err := LoadRelayConfig(path); !errors.Is(err, fs.ErrPermission) {
+		t.Errorf("group-writable config: %v", err)
+	}
+	// A rule that matches no keyring peer is refused at NewServer.
+	rc.Rules = append(rc.Rules, RelayRule{"walet-*", "tower"})
+	if _, err := rc.NewServer(nil, nil); err == nil || !strings.Contains(err.Error(), "matches no peer") {
+		t.Errorf("typo rule: %v", err)
+	}
+}
+
+func TestRelayConfigErrors(t *testing.T) {
+	base := "listen 127.0.0.1:7400\nkey k\nkeyring r\n"
+	for _, tc := range []struct{ conf, want string }{
+		{base, "no allow rules"},
+		{"key k\nkeyring r\nallow a b\n", `missing required directive "listen"`},
+		{"listen 127.0.0.1:1\nkey k\nallow a b\n", `missing required directive "keyring"`},
+		{base + "allow a\n", "<input>:4: allow takes 2 value(s), got 1"},
+		{base + "allow a b\nlisten 127.0.0.1:1\n", "<input>:5: listen given twice (first on line 1)"},
+		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive "frobnicate"`},
+		{base + "allow A b\n", "<input>:4: allow: noisetor: relay rule pattern \"A\""},
+		{base + "allow a b\naccept-timeout soon\n", "<input>:5: accept-timeout: want a positive duration"},
+		{base + "allow a b\nping-interval -1s\n", "<input>:5: ping-interval: want a positive duration"},
+		{base + "allow a b\nmax-sessions 0\n", "<input>:5: max-sessions: want a positive integer"},
+		{"listen nowhere\n", "<input>:1: listen: "},
+		{base + "allow a b\n" + strings.Repeat("#", 5000) + "\n", "<input>:5: "},
+	} {
+		_, err := ParseRelayConfig(strings.NewReader(tc.conf))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.conf, err, tc.want)
+		}
+	}
+	if c, err := ParseRelayConfig(strings.NewReader(base + "\r\n  # comment\n\tallow * *   # anyone\n")); err != nil || len(c.Rules) != 1 {
+		t.Errorf("valid config: %+v, %v", c, err)
+	}
+}
+
+// TestRelayOverTor runs the mediation over Tor: the sync server is an onion
+// service with client authorization, and the wallet and the watchtower reach
+// it through Tor's SOCKS port, as in production.
+func TestRelayOverTor(t *testing.T) {
+	srvTor, cliTor := torPair(t)
+	peers := newTestPeers(t, "sync", "wallet", "tower")
+	walletAuth, err := GenerateClientAuthKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	towerAuth, err := GenerateClientAuthKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The sync server's keyring carries each peer's client-authorization key.
+	syncRing, err := NewKeyring(
+		Peer{Name: "wallet", PublicKey: peers["wallet"].key.PublicKey(), ClientAuth: walletAuth.PublicKey()},
+		Peer{Name: "tower", PublicKey: peers["tower"].key.PublicKey(), ClientAuth: towerAuth.PublicKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers["sync"].cfg.Keyring = syncRing
+	onionKey, err := GenerateOnionKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	start := time.Now()
+	ol, err := srvTor.ListenOnion(ctx, &OnionConfig{Key: onionKey, Port: 7400, Keyring: syncRing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ol.Close()
+	published := time.Since(start)
+	srv := &RelayServer{Config: peers["sync"].cfg, Allow: RelayRules{{From: "wallet", To: "tower"}}.Allow}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(NewListener(ol, peers["sync"].cfg)) }()
+	defer func() { srv.Close(); <-served }()
+
+	addr := ol.Addr().String()
+	tower := &RelayClient{Config: peers["tower"].cfg, Server: "sync", Address: addr,
+		NetDialer: &TorDialer{Tor: cliTor, ClientAuth: towerAuth}}
+	start = time.Now()
+	l, err := tower.Listen(ctx)
+	if err != nil {
+		t.Fatalf("watchtower registration over Tor: %v", err)
+	}
+	registered := time.Since(start)
+	// The handler replies without reading to the end: the wallet's close
+	// record is still unread when it closes (see relayStream.Close).
+	relayServeAll(t, l, func(c net.Conn) {
+		p, _ := PeerOf(c)
+		line := make([]byte, 5)
+		if _, err := io.ReadFull(c, line); err == nil {
+			fmt.Fprintf(c, "%s from %s", line, p.Name)
+		}
+	})
+
+	wallet := &RelayClient{Config: peers["wallet"].cfg, Server: "sync", Address: addr,
+		NetDialer: &TorDialer{Tor: cliTor, ClientAuth: walletAuth}}
+	var dials []time.Duration
+	for i := 0; i < 3; i++ {
+		start := time.Now()
+		c, err := wallet.Dial(ctx, "tower")
+		if err != nil {
+			t.Fatalf("relayed dial %d over Tor: %v", i, err)
+		}
+		d := time.Since(start)
+		io.WriteString(c, "hello")
+		c.CloseWrite()
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || string(got) != "hello from wallet" {
+			t.Fatalf("reply %q, %v\nSYNC:\n%s\nTOWER:\n%s\nWALLET:\n%s", got, err, peers["sync"].logs, peers["tower"].logs, peers["wallet"].logs)
+		}
+		if p, _ := PeerOf(c); p.Name != "tower" {
+			t.Errorf("wallet's peer %q", p.Name)
+		}
+		dials = append(dials, d)
+	}
+	torRecord(t, "relay over onion: sync server published %v; watchtower registered %v; relayed dial (CONNECT, dial-back, inner KK) first %v, then %v, %v",
+		published.Round(time.Millisecond), registered.Round(time.Millisecond),
+		dials[0].Round(time.Millisecond), dials[1].Round(time.Millisecond), dials[2].Round(time.Millisecond))
+
+	// The offline error stays fast over Tor.
+	l.Close()
+	relayWaitFor(t, "the unregister", func() bool {
+		return strings.Contains(peers["sync"].logs.String(), "op=unregister from=tower")
+	})
+	start = time.Now()
+	if _, err := wallet.Dial(ctx, "tower"); !errors.Is(err, ErrPeerOffline) {
+		t.Fatalf("offline watchtower over Tor: %v", err)
+	}
+	torRecord(t, "relay over onion: offline watchtower reported in %v", time.Since(start).Round(time.Millisecond))
+}
