@@ -188,3 +188,43 @@ func TestListenerEvictsOldestPending(t *testing.T) {
 		t.Fatalf("oldest stalled connection: %v, want EOF", err)
 	}
 }
+
+// flakyListener fails Accept a few times with a non-timeout error, as a
+// listener out of file descriptors does.
+type flakyListener struct {
+	net.Listener
+	mu    sync.Mutex
+	fails int
+}
+
+func (f *flakyListener) Accept() (net.Conn, error) {
+	f.mu.Lock()
+	if f.fails > 0 {
+		f.fails--
+		f.mu.Unlock()
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: errors.New("too many open files")}
+	}
+	f.mu.Unlock()
+	return f.Listener.Accept()
+}
+
+func TestListenerSurvivesAcceptErrors(t *testing.T) {
+	ps := newTestPeers(t, "server", "client")
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := NewListener(&flakyListener{Listener: inner, fails: 3}, ps["server"].cfg)
+	defer l.Close()
+	go func() {
+		if c, err := (&Dialer{Config: ps["client"].cfg, Peer: "server"}).Dial("tcp", inner.Addr().String()); err == nil {
+			c.Close()
+		}
+	}()
+	c, err := l.Accept()
+	if err != nil {
+		t.Fatalf("listener gave up after transient accept errors: %v", err)
+	}
+	c.Close()
+	mustContain(t, ps["server"].logs.String(), "accept failed; retrying", "too many open files")
+}

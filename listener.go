@@ -77,19 +77,30 @@ type listener struct {
 func (l *listener) acceptLoop() {
 	defer l.wg.Done()
 	defer close(l.done)
+	var backoff time.Duration
 	for {
 		raw, err := l.inner.Accept()
 		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond) // transient (e.g. EMFILE): keep going
-				continue
-			}
 			l.mu.Lock()
-			l.err = err
+			closed := l.closed
 			l.mu.Unlock()
-			return
+			if closed || errors.Is(err, net.ErrClosed) {
+				l.mu.Lock()
+				l.err = err
+				l.mu.Unlock()
+				return
+			}
+			// Anything else (out of file descriptors, a network hiccup) may
+			// pass: keep serving rather than take the service down.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.cfg.logger().Warn("noisetor: accept failed; retrying", "err", err.Error(), "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-l.ctx.Done():
+			}
+			continue
 		}
+		backoff = 0
 		c := Server(raw, l.cfg)
 		c.replay = l.replay
 		c.dhGate = l.acquireDH
