@@ -33,8 +33,9 @@ func Listen(network, addr string, cfg *Config) (net.Listener, error) {
 // Config.MaxPendingHandshakes wait at once (past that the oldest is dropped),
 // and at most Config.MaxConcurrentDH are past the preamble check, doing DH.
 // A failed handshake is logged and never returned from Accept, so servers
-// such as http.Serve keep serving. Accept returns an error only when the
-// underlying listener fails or is closed.
+// such as http.Serve keep serving. Errors of the underlying listener other
+// than its closing (out of file descriptors, say) are logged and retried with
+// backoff; Accept returns an error only once the listener is closed.
 func NewListener(inner net.Listener, cfg *Config) net.Listener {
 	ctx, cancel := context.WithCancel(context.Background())
 	maxDH := cfg.MaxConcurrentDH
