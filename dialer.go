@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"time"
 )
 
 // A ContextDialer dials the underlying connections. *net.Dialer is one; so is
@@ -48,9 +49,13 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	if nd == nil {
 		nd = &net.Dialer{}
 	}
+	start := time.Now()
 	raw, err := nd.DialContext(ctx, network, addr)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: dialing %s (%s): %w", name, addr, err)
+		err = &contextError{"dialing " + name + " at " + addr, err}
+		cfg.logAttempt(attempt{outbound: true, addr: addr, peer: name, pattern: cfg.patterns()[0],
+			cipher: cfg.cipherSuites()[0], duration: time.Since(start), err: err})
+		return nil, err
 	}
 	c := Client(raw, cfg, name)
 	c.addr = addr

@@ -228,3 +228,20 @@ func TestListenerSurvivesAcceptErrors(t *testing.T) {
 	c.Close()
 	mustContain(t, ps["server"].logs.String(), "accept failed; retrying", "too many open files")
 }
+
+// A dial that fails before any handshake is logged too.
+func TestDialFailureIsLogged(t *testing.T) {
+	ps := newTestPeers(t, "server", "client")
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	_, err := (&Dialer{Config: ps["client"].cfg, Peer: "server"}).Dial("tcp", addr)
+	if err == nil {
+		t.Fatal("dial to a closed port succeeded")
+	}
+	mustContain(t, err.Error(), "noisetor: dialing server at "+addr+": ")
+	if strings.Count(err.Error(), "noisetor:") != 1 {
+		t.Errorf("repeated prefix: %v", err)
+	}
+	mustContain(t, ps["client"].logs.String(), "direction=out", "peer=server", "outcome=failed", "connection refused")
+}

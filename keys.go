@@ -371,7 +371,7 @@ func LoadPrivateKey(path string) (*PrivateKey, error) {
 	}
 	k, err := ParsePrivateKey(text)
 	if err != nil {
-		return nil, &pathError{path, err}
+		return nil, &contextError{path, err}
 	}
 	return k, nil
 }
@@ -398,14 +398,16 @@ func SavePrivateKey(path string, k *PrivateKey) error {
 	return nil
 }
 
-// pathError puts a file name into a noisetor error: "noisetor: <path>: <problem>".
-type pathError struct {
-	path string
-	err  error
+// contextError adds context, such as a file name, to an error that may
+// already start with "noisetor: ", without saying "noisetor:" twice:
+// "noisetor: <context>: <problem>".
+type contextError struct {
+	context string
+	err     error
 }
 
-func (e *pathError) Error() string {
-	return "noisetor: " + e.path + ": " + strings.TrimPrefix(e.err.Error(), "noisetor: ")
+func (e *contextError) Error() string {
+	return "noisetor: " + e.context + ": " + strings.TrimPrefix(e.err.Error(), "noisetor: ")
 }
 
-func (e *pathError) Unwrap() error { return e.err }
+func (e *contextError) Unwrap() error { return e.err }

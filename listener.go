@@ -232,31 +232,48 @@ func (r *replayCache) add(salt [preambleSalt]byte) bool {
 	return true
 }
 
+// An attempt is one connection attempt, for the log.
+type attempt struct {
+	outbound bool
+	addr     string
+	peer     string // keyring name, when known
+	pattern  Pattern
+	cipher   CipherSuite
+	duration time.Duration
+	err      error
+}
+
 // logAttempt writes the one log record of a connection attempt. It records
 // only public facts: never a key other than a public one, never a secret.
-func (c *Conn) logAttempt(d time.Duration, err error) {
-	dir, addr := "in", ""
-	if c.isClient {
+func (c *Config) logAttempt(a attempt) {
+	dir := "in"
+	if a.outbound {
 		dir = "out"
-		addr = c.addr
-	}
-	if addr == "" && c.conn.RemoteAddr() != nil {
-		addr = c.conn.RemoteAddr().String()
 	}
 	attrs := []slog.Attr{
 		slog.String("direction", dir),
-		slog.String("addr", addr),
-		slog.String("pattern", c.state.Pattern.String()),
-		slog.String("cipher", c.state.CipherSuite.String()),
-		slog.Duration("duration", d),
+		slog.String("addr", a.addr),
+		slog.String("pattern", a.pattern.String()),
+		slog.String("cipher", a.cipher.String()),
+		slog.Duration("duration", a.duration),
 	}
-	if c.state.Peer.Name != "" {
-		attrs = append(attrs, slog.String("peer", c.state.Peer.Name))
+	if a.peer != "" {
+		attrs = append(attrs, slog.String("peer", a.peer))
 	}
-	if err == nil {
-		c.cfg.logger().LogAttrs(context.Background(), slog.LevelInfo, "noisetor: handshake", append(attrs, slog.String("outcome", "ok"))...)
+	if a.err == nil {
+		c.logger().LogAttrs(context.Background(), slog.LevelInfo, "noisetor: handshake", append(attrs, slog.String("outcome", "ok"))...)
 		return
 	}
-	attrs = append(attrs, slog.String("outcome", "failed"), slog.String("reason", err.Error()))
-	c.cfg.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: handshake", attrs...)
+	attrs = append(attrs, slog.String("outcome", "failed"), slog.String("reason", a.err.Error()))
+	c.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: handshake", attrs...)
+}
+
+// logAttempt logs the handshake of c.
+func (c *Conn) logAttempt(d time.Duration, err error) {
+	addr := c.addr
+	if addr == "" && c.conn.RemoteAddr() != nil {
+		addr = c.conn.RemoteAddr().String()
+	}
+	c.cfg.logAttempt(attempt{outbound: c.isClient, addr: addr, peer: c.state.Peer.Name,
+		pattern: c.state.Pattern, cipher: c.state.CipherSuite, duration: d, err: err})
 }

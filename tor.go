@@ -843,10 +843,11 @@ type OnionConfig struct {
 	// base32), beyond those of Keyring.
 	ClientAuth []string
 
-	// NoClientAuth publishes the service without client authorization:
-	// anyone who learns the address can connect (the Noise handshake still
-	// admits only keyring peers). Without it, ListenOnion refuses to publish
-	// a service that no key is authorized for.
+	// NoClientAuth publishes the service without client authorization,
+	// ignoring any auth= keys of Keyring and ClientAuth: anyone who learns
+	// the address can connect (the Noise handshake still admits only
+	// keyring peers). Without it, ListenOnion refuses to publish a service
+	// that no key is authorized for.
 	NoClientAuth bool
 
 	// PoWDefense turns on tor's proof-of-work defense against
@@ -997,7 +998,10 @@ func (l *OnionListener) clientAuthKeys() ([]string, error) {
 			return nil, err
 		}
 	}
-	if len(keys) == 0 && !l.noAuth {
+	if l.noAuth {
+		return nil, nil
+	}
+	if len(keys) == 0 {
 		return nil, errors.New("noisetor: no client-authorization keys for the onion service: give keyring peers an auth= key, or set OnionConfig.NoClientAuth to publish it to anyone who knows the address")
 	}
 	return keys, nil
