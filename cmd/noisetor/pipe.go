@@ -1,0 +1,361 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/noisetor/noisetor"
+	"golang.org/x/net/proxy"
+)
+
+func init() {
+	register(serveCmd)
+	register(connectCmd)
+}
+
+// linkOptions are the flags common to serve and connect.
+type linkOptions struct {
+	key      keyOptions
+	keyring  string
+	patterns string
+	ciphers  string
+	timeout  time.Duration
+	quiet    bool
+}
+
+func (o *linkOptions) register(fs *flag.FlagSet, defPatterns string) {
+	o.key.register(fs)
+	fs.StringVar(&o.keyring, "r", "", "keyring `file` listing the peers this machine may talk to")
+	fs.StringVar(&o.patterns, "pattern", defPatterns, "handshake `patterns`: kk, xk, or a list such as kk,xk")
+	fs.StringVar(&o.ciphers, "cipher", "chachapoly", "`ciphers`: chachapoly, aesgcm, or a list")
+	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "give up on the handshake after `duration`")
+	fs.BoolVar(&o.quiet, "q", false, "do not log connection attempts on standard error")
+}
+
+// config loads the key and keyring and builds the noisetor configuration.
+func (o *linkOptions) config(e *env) (*noisetor.Config, func(), error) {
+	if o.keyring == "" {
+		return nil, nil, usagef("missing -r KEYRING")
+	}
+	pats, err := parsePatterns(o.patterns)
+	if err != nil {
+		return nil, nil, err
+	}
+	ciphers, err := parseCiphers(o.ciphers)
+	if err != nil {
+		return nil, nil, err
+	}
+	kr, err := noisetor.LoadKeyring(o.keyring)
+	if err != nil {
+		return nil, nil, err
+	}
+	key, closeKey, err := o.key.load()
+	if err != nil {
+		return nil, nil, err
+	}
+	var logOut io.Writer = e.stderr
+	if o.quiet {
+		logOut = io.Discard
+	}
+	return &noisetor.Config{
+		StaticKey:        key,
+		Keyring:          kr,
+		Patterns:         pats,
+		CipherSuites:     ciphers,
+		HandshakeTimeout: o.timeout,
+		Logger:           slog.New(slog.NewTextHandler(logOut, nil)),
+	}, closeKey, nil
+}
+
+func parsePatterns(s string) ([]noisetor.Pattern, error) {
+	var out []noisetor.Pattern
+	for _, f := range strings.Split(s, ",") {
+		switch strings.ToLower(strings.TrimSpace(f)) {
+		case "kk":
+			out = append(out, noisetor.KK)
+		case "xk":
+			out = append(out, noisetor.XK)
+		default:
+			return nil, usagef("unknown pattern %q (want kk or xk)", f)
+		}
+	}
+	return out, nil
+}
+
+func parseCiphers(s string) ([]noisetor.CipherSuite, error) {
+	var out []noisetor.CipherSuite
+	for _, f := range strings.Split(s, ",") {
+		switch strings.ToLower(strings.TrimSpace(f)) {
+		case "chachapoly", "chacha20poly1305", "chacha":
+			out = append(out, noisetor.ChaChaPoly)
+		case "aesgcm", "aes", "aes-gcm":
+			out = append(out, noisetor.AESGCM)
+		default:
+			return nil, usagef("unknown cipher %q (want chachapoly or aesgcm)", f)
+		}
+	}
+	return out, nil
+}
+
+type serveOptions struct {
+	link   linkOptions
+	listen string
+	tor    torOptions
+	onion  onionOptions
+}
+
+var serveCmd = &command{
+	name:  "serve",
+	args:  "-k KEYFILE -r KEYRING [-l ADDR] [flags]",
+	short: "accept one noisetor connection and pipe it to stdin and stdout",
+	long: `
+Serve listens on ADDR, waits for one peer from the keyring to complete the
+handshake, then copies standard input to the peer and the peer's data to
+standard output, like "nc -l". It exits when both directions have ended: 0 if
+the peer closed its side cleanly, 1 if the stream was cut (data may be
+missing). Use it with 'noisetor connect' on the other machine to test a link.
+
+With --onion-key and a tor (--tor-data or --tor-control) it publishes an
+onion service and listens there; only peers with an auth= key in the keyring
+can reach it. Every connection attempt, refused ones included, is logged on
+standard error.`,
+	flags: func(fs *flag.FlagSet) any {
+		o := new(serveOptions)
+		o.link.register(fs, "kk,xk")
+		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
+		o.tor.register(fs)
+		o.onion.register(fs)
+		return o
+	},
+	run: runServe,
+}
+
+func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
+	o := opts.(*serveOptions)
+	if err := wantArgs(args, 0, 0, ""); err != nil {
+		return err
+	}
+	cfg, closeKey, err := o.link.config(e)
+	if err != nil {
+		return err
+	}
+	defer closeKey()
+	tor, err := o.tor.start(e.ctx, cfg.Logger)
+	if err != nil {
+		return err
+	}
+	if tor != nil {
+		defer tor.Close()
+	}
+	inner, addr, err := o.onion.listen(e, tor, o.listen, cfg.Keyring)
+	if err != nil {
+		return err
+	}
+	ln := noisetor.NewListener(inner, cfg)
+	defer ln.Close()
+	fmt.Fprintf(e.stderr, "noisetor serve: listening on %s as %s (fingerprint %s)\n",
+		addr, cfg.StaticKey.PublicKey(), cfg.StaticKey.PublicKey().Fingerprint())
+
+	// Close the listener when interrupted, so that Accept returns.
+	stop := context.AfterFunc(e.ctx, func() { ln.Close() })
+	c, err := ln.Accept()
+	stop()
+	if err != nil {
+		if e.ctx.Err() != nil {
+			return errors.New("interrupted")
+		}
+		return err
+	}
+	conn := c.(*noisetor.Conn)
+	st := conn.ConnectionState()
+	fmt.Fprintf(e.stderr, "noisetor serve: connected to %s (%s, %s)\n", st.Peer.Name, st.Pattern, st.CipherSuite)
+	return pipe(e, conn)
+}
+
+type connectOptions struct {
+	link       linkOptions
+	peer       string
+	socks      string
+	tor        torOptions
+	clientAuth string
+}
+
+var connectCmd = &command{
+	name:  "connect",
+	args:  "-k KEYFILE -r KEYRING [--peer NAME] [--socks ADDR] PEER|ADDR",
+	short: "dial a peer over noisetor and pipe it to stdin and stdout",
+	long: `
+Connect dials a peer, completes the handshake, then copies standard input to
+the peer and the peer's data to standard output, like "nc". The argument is a
+peer's name in the keyring (dialed at its addr=) or an address; an address
+must be some peer's addr=, or --peer must name the peer expected there.
+
+With --tor-data or --tor-control the connection goes through tor, isolated
+from other peers' circuits, and --client-auth-key registers this machine's
+client-authorization key for the onion service. --socks uses a plain SOCKS5
+port instead. Exit status 0 if the peer
+closed its side cleanly, 1 if the handshake failed or the stream was cut.`,
+	flags: func(fs *flag.FlagSet) any {
+		o := new(connectOptions)
+		o.link.register(fs, "kk")
+		fs.StringVar(&o.peer, "peer", "", "the keyring `name` of the peer at the address")
+		fs.StringVar(&o.socks, "socks", "", "dial through the Tor SOCKS5 proxy at `host:port` (such as 127.0.0.1:9050)")
+		o.tor.register(fs)
+		fs.StringVar(&o.clientAuth, "client-auth-key", "", "this machine's Tor client-authorization key `file` (see client-auth-key);\nneeds --tor-data or --tor-control")
+		return o
+	},
+	run: runConnect,
+}
+
+func runConnect(e *env, _ *flag.FlagSet, opts any, args []string) error {
+	o := opts.(*connectOptions)
+	if err := wantArgs(args, 1, 1, "the peer's name or address"); err != nil {
+		return err
+	}
+	cfg, closeKey, err := o.link.config(e)
+	if err != nil {
+		return err
+	}
+	defer closeKey()
+	addr, name := args[0], o.peer
+	if p, ok := cfg.Keyring.ByName(args[0]); ok {
+		if p.Address == "" {
+			return fmt.Errorf("peer %s has no addr= in %s; give its address instead", p.Name, o.link.keyring)
+		}
+		if name != "" && name != p.Name {
+			return usagef("--peer %s contradicts the peer named by the argument, %s", name, p.Name)
+		}
+		addr, name = p.Address, p.Name
+	} else if _, _, err := net.SplitHostPort(addr); err != nil {
+		return fmt.Errorf("%s is neither a peer in %s nor a host:port address", addr, o.link.keyring)
+	}
+	d := &noisetor.Dialer{Config: cfg, Peer: name}
+	tor, err := o.tor.start(e.ctx, cfg.Logger)
+	if err != nil {
+		return err
+	}
+	switch {
+	case tor != nil && o.socks != "":
+		return usagef("use either --socks or a tor (--tor-data, --tor-control), not both")
+	case tor != nil:
+		defer tor.Close()
+		td := &noisetor.TorDialer{Tor: tor}
+		if o.clientAuth != "" {
+			if td.ClientAuth, err = noisetor.LoadClientAuthKey(o.clientAuth); err != nil {
+				return err
+			}
+		}
+		d.NetDialer = td
+	case o.clientAuth != "":
+		return usagef("--client-auth-key needs --tor-data or --tor-control")
+	case o.socks != "":
+		d.NetDialer, err = socksDialer(o.socks, name, addr, cfg.Keyring)
+		if err != nil {
+			return err
+		}
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, o.link.timeout)
+	c, err := d.DialContext(ctx, "tcp", addr)
+	cancel()
+	if err != nil {
+		if o.socks != "" {
+			return socksHint(err)
+		}
+		return err
+	}
+	conn := c.(*noisetor.Conn)
+	st := conn.ConnectionState()
+	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s at %s (%s, %s)\n", st.Peer.Name, addr, st.Pattern, st.CipherSuite)
+	return pipe(e, conn)
+}
+
+// socksDialer dials through Tor's SOCKS5 port. The SOCKS username is the
+// peer's name, so Tor (IsolateSOCKSAuth, on by default) keeps each peer on
+// its own circuits.
+func socksDialer(socks, name, addr string, kr *noisetor.Keyring) (noisetor.ContextDialer, error) {
+	if name == "" {
+		if p, ok := kr.ByAddress(addr); ok {
+			name = p.Name
+		}
+	}
+	d, err := proxy.SOCKS5("tcp", socks, &proxy.Auth{User: "noisetor-" + name, Password: "x"}, &net.Dialer{})
+	if err != nil {
+		return nil, fmt.Errorf("SOCKS5 proxy %s: %w", socks, err)
+	}
+	cd, ok := d.(proxy.ContextDialer)
+	if !ok {
+		return nil, fmt.Errorf("SOCKS5 proxy %s: dialer has no DialContext", socks)
+	}
+	return cd, nil
+}
+
+// torSOCKSErrors are the extended SOCKS5 replies of tor (ExtendedErrors),
+// which golang.org/x/net/proxy reports only as "unknown code: N".
+var torSOCKSErrors = map[int]string{
+	0xF0: "onion service descriptor not found",
+	0xF1: "onion service descriptor is invalid",
+	0xF2: "onion service introduction failed",
+	0xF3: "onion service rendezvous failed",
+	0xF4: "the onion service requires client authorization and tor has no key for it (use --tor-control with --client-auth-key)",
+	0xF5: "the onion service refused our client authorization",
+	0xF6: "invalid onion address",
+	0xF7: "onion service introduction timed out",
+}
+
+// socksHint explains tor's extended SOCKS error codes.
+func socksHint(err error) error {
+	for code, what := range torSOCKSErrors {
+		if strings.Contains(err.Error(), fmt.Sprintf("unknown code: %d", code)) {
+			return fmt.Errorf("%w (0x%X: %s)", err, code, what)
+		}
+	}
+	return err
+}
+
+// pipe copies stdin to conn and conn to stdout until both directions end.
+// When stdin ends it half-closes conn (CloseWrite), so the peer sees a clean
+// end of data and can still answer. A stream cut without the peer's close
+// record is an error: the data may be truncated.
+func pipe(e *env, conn *noisetor.Conn) error {
+	defer conn.Close()
+	stop := context.AfterFunc(e.ctx, func() { conn.Close() })
+	defer stop()
+
+	sent := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(conn, e.stdin)
+		if err == nil {
+			err = conn.CloseWrite()
+		}
+		sent <- err
+	}()
+	_, rerr := io.Copy(e.stdout, conn)
+	if e.ctx.Err() != nil {
+		return errors.New("interrupted")
+	}
+	if rerr != nil {
+		if errors.Is(rerr, io.ErrUnexpectedEOF) {
+			return errors.New("the connection was cut before the peer closed it: the data may be incomplete")
+		}
+		return fmt.Errorf("receiving: %w", rerr)
+	}
+	// The peer has finished sending. Wait for our side unless stdin is
+	// still open: a peer that closed completely cannot receive more.
+	select {
+	case err := <-sent:
+		if err != nil {
+			return fmt.Errorf("sending: %w", err)
+		}
+	case <-time.After(time.Second):
+		// stdin is still open (a terminal, say); the peer has closed its
+		// side, so there is nobody left to read what we would send.
+	}
+	return nil
+}

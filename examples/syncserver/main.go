@@ -1,0 +1,87 @@
+// Command syncserver is the sync server of a custody system, as a small
+// program to copy: wallets reach watchtowers through it, and it relays only
+// ciphertext. Each relayed stream carries its own noisetor handshake between
+// the wallet and the watchtower, which check each other's keys against their
+// own keyrings, so the sync server can neither read nor alter what they say.
+//
+//	noisetor keygen -o syncserver.key
+//	noisetor onion-key -o syncserver.onion-key --port 7400
+//	noisetor keyring add syncserver.keyring wallet x25519:... --auth <wallet's client-auth key>
+//	noisetor keyring add syncserver.keyring watchtower x25519:... --auth <...>
+//	go run ./examples/syncserver -onion-key syncserver.onion-key -tor-data syncserver-tor
+//
+// The allow list (-allow) says which peers may reach which; everything else
+// is refused. `noisetor relay` runs the same server from a configuration file.
+package main
+
+import (
+	"context"
+	"flag"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+
+	"github.com/noisetor/noisetor"
+)
+
+func main() {
+	keyFile := flag.String("key", "syncserver.key", "this server's static key file")
+	keyringFile := flag.String("keyring", "syncserver.keyring", "keyring: every wallet and watchtower served")
+	allow := flag.String("allow", "wallet*=watchtower*", "comma-separated FROM=TO rules of who may reach whom ('*' wildcards)")
+	listen := flag.String("listen", "127.0.0.1:7400", "TCP address to listen on; with -onion-key, the local address tor forwards to")
+	onionKey := flag.String("onion-key", "", "onion service key file; empty: serve on plain TCP")
+	onionPort := flag.Int("onion-port", 7400, "the onion service's port")
+	torData := flag.String("tor-data", "syncserver-tor", "tor's data directory, with -onion-key")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+
+	key, err := noisetor.LoadPrivateKey(*keyFile)
+	if err != nil {
+		log.Fatal(err)
+	}
+	keyring, err := noisetor.LoadKeyring(*keyringFile)
+	if err != nil {
+		log.Fatal(err)
+	}
+	var rules noisetor.RelayRules
+	for _, r := range strings.Split(*allow, ",") {
+		from, to, ok := strings.Cut(r, "=")
+		if !ok {
+			log.Fatalf("-allow %q: want FROM=TO", r)
+		}
+		rules = append(rules, noisetor.RelayRule{From: from, To: to})
+	}
+	if err := rules.Check(keyring); err != nil {
+		log.Fatal(err) // a rule that matches nobody is most likely a typo
+	}
+	cfg := &noisetor.Config{StaticKey: key, Keyring: keyring}
+
+	inner, err := net.Listen("tcp", *listen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if *onionKey != "" {
+		tor, err := noisetor.StartTor(ctx, &noisetor.TorConfig{DataDir: *torData})
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer tor.Close()
+		inner, err = tor.ListenOnion(ctx, &noisetor.OnionConfig{
+			KeyFile: *onionKey, Port: *onionPort, Keyring: keyring, Listener: inner,
+		})
+		if err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	// Every registration, request and session is logged by name.
+	srv := &noisetor.RelayServer{Config: cfg, Allow: rules.Allow}
+	context.AfterFunc(ctx, func() { srv.Close() })
+	log.Printf("syncserver: serving on %s as %s (fingerprint %s)", inner.Addr(), key.PublicKey(), key.PublicKey().Fingerprint())
+	if err := srv.Serve(noisetor.NewListener(inner, cfg)); ctx.Err() == nil {
+		log.Fatal(err)
+	}
+}
