@@ -239,21 +239,9 @@ func (c *PKCS11Config) check(generate bool) (pin string, err error) {
 // readPINFile reads the first line of path, which group and others must not
 // be able to read. The error never contains the file's contents.
 func readPINFile(path string) (string, error) {
-	f, err := os.Open(path)
+	b, err := readPrivateFile(path)
 	if err != nil {
-		return "", p11err(ErrPKCS11PIN, err, "reading PIN file")
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return "", p11err(ErrPKCS11PIN, err, "reading PIN file")
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return "", p11err(ErrPKCS11PIN, ErrKeyFilePermissions, "PIN file %s has mode %v, want 0600 (chmod 600 %s)", path, st.Mode().Perm(), path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, 1024))
-	if err != nil {
-		return "", p11err(ErrPKCS11PIN, err, "reading PIN file %s", path)
+		return "", p11err(ErrPKCS11PIN, err, "PIN file")
 	}
 	line, _, _ := strings.Cut(string(b), "\n")
 	line = strings.TrimSuffix(line, "\r")

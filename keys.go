@@ -353,6 +353,26 @@ var ErrKeyFilePermissions = errors.New("noisetor: private key file is readable b
 // a file that group or others may read or write (like ssh), so a key that has
 // been exposed is not used silently.
 func LoadPrivateKey(path string) (*PrivateKey, error) {
+	text, err := readPrivateFile(path)
+	if err != nil {
+		return nil, err
+	}
+	k, err := ParsePrivateKey(text)
+	if err != nil {
+		return nil, &contextError{path, err}
+	}
+	return k, nil
+}
+
+// SavePrivateKey writes k to a new file at path with mode 0600. It refuses to
+// overwrite an existing file, so a key is never lost by accident.
+func SavePrivateKey(path string, k *PrivateKey) error {
+	return writePrivateFile(path, k.MarshalPrivateText())
+}
+
+// readPrivateFile reads a small secret file, refusing one that group or
+// others may access.
+func readPrivateFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: %w", err)
@@ -365,20 +385,16 @@ func LoadPrivateKey(path string) (*PrivateKey, error) {
 	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
 	}
-	text, err := io.ReadAll(io.LimitReader(f, 4096))
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)
 	}
-	k, err := ParsePrivateKey(text)
-	if err != nil {
-		return nil, &contextError{path, err}
-	}
-	return k, nil
+	return b, nil
 }
 
-// SavePrivateKey writes k to a new file at path with mode 0600. It refuses to
-// overwrite an existing file, so a key is never lost by accident.
-func SavePrivateKey(path string, k *PrivateKey) error {
+// writePrivateFile creates path with mode 0600 and writes b; it refuses to
+// overwrite an existing file.
+func writePrivateFile(path string, b []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		if errors.Is(err, fs.ErrExist) {
@@ -386,12 +402,11 @@ func SavePrivateKey(path string, k *PrivateKey) error {
 		}
 		return fmt.Errorf("noisetor: %w", err)
 	}
-	if _, err := f.Write(k.MarshalPrivateText()); err != nil {
-		f.Close()
-		os.Remove(path)
-		return fmt.Errorf("noisetor: writing %s: %w", path, err)
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	if err := f.Close(); err != nil {
+	if err != nil {
 		os.Remove(path)
 		return fmt.Errorf("noisetor: writing %s: %w", path, err)
 	}

@@ -1692,49 +1692,6 @@ func parseClientAuthPublic(s string) ([]byte, error) {
 	return raw, nil
 }
 
-// readPrivateFile reads a small secret file, refusing one that group or
-// others may access.
-func readPrivateFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, 4096))
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)
-	}
-	return b, nil
-}
-
-// writePrivateFile creates path with mode 0600 and writes b; it refuses to
-// overwrite an existing file.
-func writePrivateFile(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("noisetor: %s already exists; refusing to overwrite a key", path)
-		}
-		return fmt.Errorf("noisetor: %w", err)
-	}
-	_, err = f.Write(b)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(path)
-		return fmt.Errorf("noisetor: writing %s: %w", path, err)
-	}
-	return nil
-}
-
 // ---- helpers ---------------------------------------------------------------
 
 var torVersionRE = regexp.MustCompile(`(\d+)\.(\d+)\.(\d+)`)
