@@ -149,6 +149,33 @@ var writeBufPool = sync.Pool{New: func() any {
 	return &b
 }}
 
+// smallWrite is the most data a Write seals into a small buffer. Most
+// Writes (requests, responses, protocol messages) are small; without a small
+// buffer each would hold a 256 KiB batch buffer for as long as it is blocked
+// on a slow peer or left pending by a timeout.
+const smallWrite = 16 << 10
+
+var smallWriteBufPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, frameHeader+1+smallWrite+aeadOverhead+rekeyFrame)
+	return &b
+}}
+
+// getWriteBuf returns a buffer for sealing the next n bytes of a Write.
+func getWriteBuf(n int) *[]byte {
+	if n <= smallWrite {
+		return smallWriteBufPool.Get().(*[]byte)
+	}
+	return writeBufPool.Get().(*[]byte)
+}
+
+func putWriteBuf(p *[]byte) {
+	if cap(*p) >= writeBatch*maxFrame {
+		writeBufPool.Put(p)
+	} else {
+		smallWriteBufPool.Put(p)
+	}
+}
+
 // Client returns a new client-side (initiator) connection over conn that
 // authenticates the keyring peer named peer. The handshake runs on first use
 // or on HandshakeContext.
@@ -420,10 +447,11 @@ func (c *Conn) Write(b []byte) (int, error) {
 	}
 	written := 0
 	for len(b) > 0 {
-		bufp := writeBufPool.Get().(*[]byte)
+		bufp := getWriteBuf(len(b))
 		out := (*bufp)[:0]
 		sealed := 0
-		for len(b) > 0 && cap(out)-len(out) >= maxFrame+rekeyFrame {
+		// Room for the next frame and a rekey record before it.
+		for len(b) > 0 && cap(out)-len(out) >= frameHeader+1+min(len(b), maxPayload)+aeadOverhead+rekeyFrame {
 			out = c.maybeRekey(out)
 			n := min(len(b), maxPayload)
 			out = c.out.half.seal(out, recordData, b[:n])
@@ -460,7 +488,7 @@ func (c *Conn) maybeRekey(out []byte) []byte {
 func (c *Conn) writeOut(bufp *[]byte) error {
 	n, err := c.conn.Write(*bufp)
 	if err == nil {
-		writeBufPool.Put(bufp)
+		putWriteBuf(bufp)
 		return nil
 	}
 	if isTimeout(err) {
@@ -485,7 +513,7 @@ func (c *Conn) flushPending() error {
 		return err
 	}
 	c.out.pending = nil
-	writeBufPool.Put(p)
+	putWriteBuf(p)
 	return nil
 }
 
@@ -501,7 +529,7 @@ func (c *Conn) sendClose() error {
 		return nil
 	}
 	c.out.closed = true
-	bufp := writeBufPool.Get().(*[]byte)
+	bufp := getWriteBuf(0)
 	*bufp = c.out.half.seal((*bufp)[:0], recordClose, nil)
 	return c.writeOut(bufp)
 }
@@ -555,6 +583,14 @@ func (c *Conn) Close() error {
 			recordErr = c.sendClose()
 		}
 		c.out.mu.Unlock()
+		if recordErr == nil {
+			// Send our FIN before draining: a peer that is closing too then
+			// sees the end of our stream at once and its drain returns,
+			// and so does ours, instead of both waiting closeDrainTimeout.
+			if cw, ok := c.conn.(interface{ CloseWrite() error }); ok {
+				cw.CloseWrite()
+			}
+		}
 		c.drainUnread()
 	}
 	if err := c.conn.Close(); err != nil {

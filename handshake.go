@@ -31,13 +31,16 @@ type dhFunc struct {
 
 var staticRef = []byte{0}
 
+// GenerateKeypair draws the scalar as GenerateKey does (the test vectors
+// depend on it) but skips NewPublicKey's low-order probe, a full scalar
+// multiplication: a public key computed from our own scalar is valid.
 func (d *dhFunc) GenerateKeypair(random io.Reader) (noise.DHKey, error) {
-	k, err := GenerateKey(d.curve, random)
+	k, err := newScalar(d.curve, random)
 	if err != nil {
 		return noise.DHKey{}, err
 	}
-	d.eph = k.priv
-	return noise.DHKey{Private: k.priv.Bytes(), Public: k.pub.Bytes()}, nil
+	d.eph = k
+	return noise.DHKey{Private: k.Bytes(), Public: k.PublicKey().Bytes()}, nil
 }
 
 func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
@@ -147,19 +150,18 @@ func (c *Conn) handshakeDeadline(ctx context.Context) (stop func(), ctxBound boo
 		deadline, ctxBound = d, true
 	}
 	c.conn.SetDeadline(deadline)
-	done := make(chan struct{})
-	exited := make(chan struct{})
-	go func() {
-		defer close(exited)
-		select {
-		case <-ctx.Done():
-			c.conn.SetDeadline(time.Unix(1, 0)) // unblock reads and writes now
-		case <-done:
-		}
-	}()
+	// context.AfterFunc starts no goroutine unless ctx is cancelled (none
+	// at all for a context that cannot be), where a watcher goroutine per
+	// handshake cost a spawn and a wake-up.
+	fired := make(chan struct{})
+	stopWatch := context.AfterFunc(ctx, func() {
+		c.conn.SetDeadline(time.Unix(1, 0)) // unblock reads and writes now
+		close(fired)
+	})
 	return func() {
-		close(done)
-		<-exited
+		if !stopWatch() {
+			<-fired // it ran or is running: let it finish before restoring
+		}
 		c.conn.SetReadDeadline(c.userReadDeadline())
 		c.conn.SetWriteDeadline(c.userWriteDeadline())
 	}, ctxBound
@@ -342,10 +344,11 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		if len(payload) != 0 {
 			return fmt.Errorf("%w: message 3 carries a payload", ErrHandshake)
 		}
-		remote, err = NewPublicKey(own.Curve(), hs.PeerStatic())
-		if err != nil {
-			return fmt.Errorf("%w: caller's static key: %v", ErrHandshake, err)
-		}
+		// No NewPublicKey here: its low-order probe costs a scalar
+		// multiplication, and the se DH of message 3 has already rejected an
+		// invalid or low-order key. A non-canonical encoding matches no
+		// keyring entry.
+		remote = PublicKey{curve: own.Curve(), raw: string(hs.PeerStatic())}
 		p, ok := cfg.Keyring.ByKey(remote)
 		if !ok {
 			return fmt.Errorf("%w: caller's key %v (fingerprint %s) is not in our keyring", ErrUnknownPeer, remote, remote.Fingerprint())

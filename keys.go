@@ -243,22 +243,33 @@ func GenerateKey(c Curve, random io.Reader) (*PrivateKey, error) {
 	if random == nil {
 		random = rand.Reader
 	}
-	if c.ecdh() == nil {
+	priv, err := newScalar(c, random)
+	if err != nil {
+		return nil, err
+	}
+	return NewPrivateKey(c, priv.Bytes())
+}
+
+// newScalar draws a private scalar for c from random: 32 bytes at a time,
+// drawn again while out of range (P-256 only). ecdh.GenerateKey ignores
+// custom readers since Go 1.26; reading the scalar ourselves keeps a
+// deterministic reader deterministic, as the test vectors need.
+func newScalar(c Curve, random io.Reader) (*ecdh.PrivateKey, error) {
+	ec := c.ecdh()
+	if ec == nil {
 		return nil, badKey("unknown curve %d", c)
 	}
+	b := make([]byte, 32)
 	for {
-		// ecdh.GenerateKey ignores custom readers since Go 1.26; read the
-		// scalar ourselves so a deterministic reader gives a deterministic key.
-		b := make([]byte, 32)
 		if _, err := io.ReadFull(random, b); err != nil {
 			return nil, fmt.Errorf("noisetor: reading randomness: %w", err)
 		}
-		k, err := NewPrivateKey(c, b)
+		k, err := ec.NewPrivateKey(b)
 		if err == nil {
 			return k, nil
 		}
 		if c == X25519 { // every 32-byte string is a valid X25519 scalar
-			return nil, err
+			return nil, badKey("invalid x25519 scalar")
 		}
 	}
 }
