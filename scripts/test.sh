@@ -27,6 +27,12 @@ go vet ./...
 step "go test -race"
 go test -race -count=1 -timeout 20m ./...
 
+# The race detector inflates and retains heap (it keeps freed memory and
+# drops sync.Pool contents), so the abuse tests' memory bounds are loose
+# under -race and strict here.
+step "abuse tests without the race detector (strict memory bounds)"
+go test -count=1 -run '^TestAbuse' .
+
 # The one-binary build with Tor linked in. Without -race: bine v0.2.0's
 # tor.Close races with itself (its tor/tor.go lines 425 and 435), which the
 # race detector reports in any test that closes a bine-started tor.
