@@ -55,7 +55,7 @@ func readRoleLog(path string) ([]logRecord, error) {
 // decision, as opposed to tor's and the demo's other messages.
 func isAttempt(rec logRecord) bool {
 	switch rec.Msg {
-	case "noisetor: handshake", "noisetor: relay", "demo: dial failed":
+	case "noisetor: handshake", "noisetor: relay":
 		return true
 	}
 	return false
@@ -107,9 +107,6 @@ func (d *demo) printConnectionLog() error {
 					peer = "via " + rec.Server + " to " + rec.Peer
 				}
 			}
-		case "demo: dial failed":
-			what = "dial out"
-			detail = "to " + shortAddr(rec.Addr)
 		}
 		if peer == "" {
 			peer = "(unknown)"

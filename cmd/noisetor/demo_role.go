@@ -358,14 +358,6 @@ func (r *role) wallet() error {
 	return nil
 }
 
-// dialFailed logs a dial that never reached the handshake (the handshake's
-// own log line covers the rest), so that the connection log has every
-// attempt.
-func (r *role) dialFailed(peer, addr string, start time.Time, err error) {
-	r.log.Warn("demo: dial failed", "direction", "out", "addr", addr, "peer", peer,
-		"outcome", "failed", "reason", describeRefusal(err), "err", err.Error(), "duration", time.Since(start))
-}
-
 func (r *role) outsider() error {
 	if err := r.waitFor("go"); err != nil {
 		return err
@@ -385,7 +377,6 @@ func (r *role) outsider() error {
 		r.emit(roleEvent{Event: "result", Step: "no-auth", OK: true, Addr: sync.Address})
 		return nil
 	}
-	r.dialFailed("syncserver", sync.Address, start, err)
 	r.emit(roleEvent{Event: "result", Step: "no-auth", Addr: sync.Address, Seconds: since(start), Err: describeRefusal(err)})
 
 	// With the wallet's stolen client-authorization key, Tor connects; the

@@ -84,7 +84,7 @@ func TestDemo(t *testing.T) {
 		`wallet\s+handshake out KK\s+watchtower\s+OK\s+to relay:syncserver`,
 		`watchtower\s+handshake in KK\s+wallet\s+OK`,
 		`syncserver\s+relay connect\s+wallet -> watchtower\s+OK`,
-		`outsider\s+dial out\s+syncserver\s+FAILED`,
+		`outsider\s+handshake out KK\s+syncserver\s+FAILED.*client authorization`,
 		`cosigner\s+handshake in KK\s+\(unknown\)\s+FAILED\s+peer not in keyring`,
 	} {
 		if !regexp.MustCompile(re).MatchString(o) {
