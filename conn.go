@@ -49,6 +49,7 @@ type Conn struct {
 	remoteStatic PublicKey
 	replay       *replayCache
 	dhGate       func(context.Context) (release func(), err error)
+	dropReason   atomic.Pointer[string] // why the Listener closed it mid-handshake
 
 	handshakeMu   sync.Mutex
 	handshakeDone atomic.Bool
@@ -284,6 +285,9 @@ func (c *Conn) HandshakeContext(ctx context.Context) error {
 		}
 	}
 	if err != nil {
+		if r := c.dropReason.Load(); r != nil {
+			err = &contextError{"dropped by the listener (" + *r + ")", err}
+		}
 		c.conn.Close()
 		c.in.half, c.out.half = nil, nil
 	}

@@ -187,6 +187,8 @@ func TestListenerEvictsOldestPending(t *testing.T) {
 	if _, err := stalled[0].Read(make([]byte, 1)); err != io.EOF {
 		t.Fatalf("oldest stalled connection: %v, want EOF", err)
 	}
+	time.Sleep(50 * time.Millisecond)
+	mustContain(t, ps["server"].logs.String(), "dropped by the listener (too many pending handshakes")
 }
 
 // flakyListener fails Accept a few times with a non-timeout error, as a

@@ -119,7 +119,7 @@ func (l *listener) acceptLoop() {
 			// Drop the oldest: a flood of stalled callers cannot keep a
 			// real peer out, it only shortens everyone's patience.
 			oldest := l.pending.Remove(l.pending.Front()).(*Conn)
-			oldest.conn.Close()
+			oldest.drop("too many pending handshakes; this was the oldest")
 		}
 		elem := l.pending.PushBack(c)
 		l.mu.Unlock()
@@ -142,6 +142,13 @@ func (l *listener) handshake(c *Conn, elem *list.Element) {
 	case <-l.ctx.Done():
 		c.Close()
 	}
+}
+
+// drop closes a connection whose handshake is still running, recording why
+// for its log line.
+func (c *Conn) drop(reason string) {
+	c.dropReason.Store(&reason)
+	c.conn.Close()
 }
 
 func (l *listener) acquireDH(ctx context.Context) (func(), error) {
@@ -186,7 +193,7 @@ func (l *listener) Close() error {
 	}
 	l.closed = true
 	for e := l.pending.Front(); e != nil; e = e.Next() {
-		e.Value.(*Conn).conn.Close()
+		e.Value.(*Conn).drop("listener closed")
 	}
 	l.mu.Unlock()
 	l.cancel()
