@@ -90,7 +90,7 @@ type Config struct {
 
 	// RekeyAfterBytes and RekeyAfter bound how much traffic and how much time
 	// one transport key protects in each direction; after either, the sender
-	// rekeys (WIRE.md §Rekey). Defaults: 1 GiB and 1 hour.
+	// rekeys (WIRE.md §6.3). Defaults: 1 GiB and 1 hour.
 	RekeyAfterBytes int64
 	RekeyAfter      time.Duration
 

@@ -475,7 +475,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 }
 
 // maybeRekey appends a rekey record and switches keys when the current key
-// has protected enough bytes or time (WIRE.md §Rekey).
+// has protected enough bytes or time (WIRE.md §6.3).
 func (c *Conn) maybeRekey(out []byte) []byte {
 	h := c.out.half
 	if h.bytes < c.cfg.rekeyAfterBytes() && time.Since(h.rekeyedAt) < c.cfg.rekeyAfter() {

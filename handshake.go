@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"time"
 
 	"github.com/flynn/noise"
@@ -207,7 +208,7 @@ func (c *Conn) clientHandshake() error {
 		return fmt.Errorf("%w: writing message 1: %v", ErrHandshake, err)
 	}
 	if _, err := c.conn.Write(appendMessage(rawPreamble, msg1)); err != nil {
-		return err
+		return fmt.Errorf("noisetor: sending preamble and message 1: %w", err)
 	}
 
 	// <- e, ee, se (KK) or <- e, ee (XK)
@@ -239,11 +240,11 @@ func (c *Conn) clientHandshake() error {
 	c.state.HandshakeHash = hs.ChannelBinding()
 
 	// The confirm record proves to the responder that we hold the ephemeral
-	// key, so a replayed message 1 never yields a session (WIRE.md §Confirm).
+	// key, so a replayed message 1 never yields a session (WIRE.md §6.2).
 	send := newHalfState(cs1)
 	out = send.seal(out, recordConfirm, nil)
 	if _, err := c.conn.Write(out); err != nil {
-		return err
+		return fmt.Errorf("noisetor: sending confirm record: %w", err)
 	}
 	c.out.half, c.in.half = send, newHalfState(cs2)
 	return nil
@@ -264,10 +265,10 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return err
 	}
 	c.state.Pattern, c.state.CipherSuite = pre.pattern, pre.cipher
-	if !contains(cfg.patterns(), pre.pattern) {
+	if !slices.Contains(cfg.patterns(), pre.pattern) {
 		return fmt.Errorf("%w: peer asked for %v, this side accepts %v", ErrVersion, pre.pattern, cfg.patterns())
 	}
-	if !contains(cfg.cipherSuites(), pre.cipher) {
+	if !slices.Contains(cfg.cipherSuites(), pre.cipher) {
 		return fmt.Errorf("%w: peer asked for cipher %v, this side accepts %v", ErrVersion, pre.cipher, cfg.cipherSuites())
 	}
 	if pre.curve != own.Curve() {
@@ -328,7 +329,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return fmt.Errorf("%w: writing message 2: %v", ErrHandshake, err)
 	}
 	if _, err := c.conn.Write(appendMessage(nil, msg2)); err != nil {
-		return err
+		return fmt.Errorf("noisetor: sending message 2: %w", err)
 	}
 
 	if pre.pattern == XK {
@@ -398,13 +399,4 @@ func handshakeReadErr(what string, err error) error {
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
-}
-
-func contains[T comparable](s []T, v T) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }

@@ -206,7 +206,7 @@ func (l *listener) Addr() net.Addr { return l.inner.Addr() }
 
 // replayCacheSize bounds the preamble salts a listener remembers. An exact
 // replay within that window is dropped before any DH; an older one costs one
-// handshake's DH and still yields no session (WIRE.md §Confirm).
+// handshake's DH and still yields no session (WIRE.md §6.2).
 const replayCacheSize = 1 << 16
 
 // replayCache remembers recent preamble salts, evicting the oldest.

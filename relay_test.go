@@ -470,7 +470,7 @@ func TestRelayOfflinePeer(t *testing.T) {
 	}
 }
 
-// TestRelayProtocolByHand speaks the control protocol as WIRE.md §Relay
+// TestRelayProtocolByHand speaks the control protocol as WIRE.md §12
 // writes it, with a hand-written watchtower.
 func TestRelayProtocolByHand(t *testing.T) {
 	checkNoGoroutineLeak(t)
@@ -760,7 +760,7 @@ func TestRelayManySessions(t *testing.T) {
 
 // evilRelay is a malicious sync server: it holds the real sync server's key
 // (every peer trusts it as the sync server) and speaks the relay protocol,
-// written here from WIRE.md §Relay independently of RelayServer; what it
+// written here from WIRE.md §12 independently of RelayServer; what it
 // does with a relayed stream is up to onConnect.
 type evilRelay struct {
 	t         *testing.T

@@ -57,7 +57,7 @@ var (
 )
 
 // A preamble is the cleartext header an initiator sends before Noise message 1
-// (WIRE.md §Preamble). Its tag lets a responder pick the initiator's keyring
+// (WIRE.md §3). Its tag lets a responder pick the initiator's keyring
 // entry with one HMAC per entry and no DH, and proves that the sender knows
 // the responder's public key, so scanners are dropped before any DH.
 type preamble struct {
