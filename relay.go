@@ -49,6 +49,7 @@ const (
 	defaultRelayAcceptTimeout = 20 * time.Second
 	defaultRelayPingInterval  = 30 * time.Second
 	defaultRelayMaxSessions   = 1024
+	defaultRelayMaxPerPeer    = 64
 
 	// relayRequestTimeout bounds the wait for the first line of an outer
 	// connection; relayWriteTimeout bounds writing one control line.
@@ -375,6 +376,12 @@ type RelayServer struct {
 	// Past it requests get a "busy" error. Default: 1024.
 	MaxSessions int
 
+	// MaxSessionsPerPeer bounds the sessions one requester has at once, so
+	// that one peer, authenticated or not misbehaving on purpose, cannot take
+	// all of MaxSessions. Past it its requests get a "busy" error.
+	// Default: 64.
+	MaxSessionsPerPeer int
+
 	mu         sync.Mutex
 	done       chan struct{}
 	closed     bool
@@ -383,6 +390,7 @@ type RelayServer struct {
 	registered map[PublicKey]*relayRegistration
 	pending    map[string]*relayPending
 	sessions   int
+	perPeer    map[PublicKey]int // sessions by requester
 	wg         sync.WaitGroup
 	nextID     atomic.Uint64
 }
@@ -445,6 +453,13 @@ func (s *RelayServer) maxSessions() int {
 		return defaultRelayMaxSessions
 	}
 	return s.MaxSessions
+}
+
+func (s *RelayServer) maxSessionsPerPeer() int {
+	if s.MaxSessionsPerPeer <= 0 {
+		return defaultRelayMaxPerPeer
+	}
+	return s.MaxSessionsPerPeer
 }
 
 // ListenAndServe listens on the TCP address addr with Listen and serves. It
@@ -727,7 +742,16 @@ func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%d sessions already", s.maxSessions()), start)
 		return
 	}
+	if s.perPeer[from.PublicKey] >= s.maxSessionsPerPeer() {
+		s.mu.Unlock()
+		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%s has %d sessions already", from.Name, s.maxSessionsPerPeer()), start)
+		return
+	}
+	if s.perPeer == nil {
+		s.perPeer = make(map[PublicKey]int)
+	}
 	s.sessions++
+	s.perPeer[from.PublicKey]++
 	reg := s.registered[to.PublicKey]
 	var token string
 	var p *relayPending
@@ -740,6 +764,9 @@ func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
 	defer func() {
 		s.mu.Lock()
 		s.sessions--
+		if s.perPeer[from.PublicKey]--; s.perPeer[from.PublicKey] == 0 {
+			delete(s.perPeer, from.PublicKey)
+		}
 		s.mu.Unlock()
 	}()
 	if reg == nil {
@@ -1326,6 +1353,8 @@ type RelayConfig struct {
 	AcceptTimeout time.Duration
 	PingInterval  time.Duration
 	MaxSessions   int
+	// MaxSessionsPerPeer sets RelayServer.MaxSessionsPerPeer.
+	MaxSessionsPerPeer int
 }
 
 // LoadRelayConfig reads a relay configuration file (see ParseRelayConfig).
@@ -1370,6 +1399,7 @@ func LoadRelayConfig(path string) (*RelayConfig, error) {
 //	accept-timeout 20s            # optional, Go duration syntax
 //	ping-interval 30s             # optional
 //	max-sessions 1024             # optional
+//	max-sessions-per-peer 64      # optional
 //
 // Every directive but allow appears at most once. Parsing is strict: an
 // unknown directive, a missing required one, or a malformed value is an
@@ -1415,9 +1445,9 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 			want = 2
 		}
 		switch dir {
-		case "listen", "key", "keyring", "allow", "accept-timeout", "ping-interval", "max-sessions":
+		case "listen", "key", "keyring", "allow", "accept-timeout", "ping-interval", "max-sessions", "max-sessions-per-peer":
 		default:
-			return nil, lineErr(n, "unknown directive %q (want listen, key, keyring, allow, accept-timeout, ping-interval or max-sessions)", relayErrText(dir))
+			return nil, lineErr(n, "unknown directive %q (want listen, key, keyring, allow, accept-timeout, ping-interval, max-sessions or max-sessions-per-peer)", relayErrText(dir))
 		}
 		if len(args) != want {
 			return nil, lineErr(n, "%s takes %d value(s), got %d", dir, want, len(args))
@@ -1451,12 +1481,16 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 			} else {
 				c.PingInterval = d
 			}
-		case "max-sessions":
+		case "max-sessions", "max-sessions-per-peer":
 			v, err := strconv.Atoi(args[0])
 			if err != nil || v <= 0 {
-				return nil, lineErr(n, "max-sessions: want a positive integer")
+				return nil, lineErr(n, "%s: want a positive integer", dir)
 			}
-			c.MaxSessions = v
+			if dir == "max-sessions" {
+				c.MaxSessions = v
+			} else {
+				c.MaxSessionsPerPeer = v
+			}
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -1498,10 +1532,11 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 		return nil, err
 	}
 	return &RelayServer{
-		Config:        &Config{StaticKey: key, Keyring: kr, Logger: logger},
-		Allow:         c.Rules.Allow,
-		AcceptTimeout: c.AcceptTimeout,
-		PingInterval:  c.PingInterval,
-		MaxSessions:   c.MaxSessions,
+		Config:             &Config{StaticKey: key, Keyring: kr, Logger: logger},
+		Allow:              c.Rules.Allow,
+		AcceptTimeout:      c.AcceptTimeout,
+		PingInterval:       c.PingInterval,
+		MaxSessions:        c.MaxSessions,
+		MaxSessionsPerPeer: c.MaxSessionsPerPeer,
 	}, nil
 }

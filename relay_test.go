@@ -1536,3 +1536,49 @@ func TestRelayOverTor(t *testing.T) {
 	}
 	torRecord(t, "relay over onion: offline watchtower reported in %v", time.Since(start).Round(time.Millisecond))
 }
+
+// One requester cannot take every session of the sync server.
+func TestRelaySessionsPerPeer(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{
+		rules: RelayRules{{From: "wallet*", To: "tower"}},
+		tweak: func(s *RelayServer) { s.MaxSessionsPerPeer = 2 },
+	}, "wallet", "wallet2", "tower")
+	n.tower(t, "tower", relayEcho)
+	var open []net.Conn
+	defer func() {
+		for _, c := range open {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 2; i++ {
+		c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+		if err != nil {
+			t.Fatalf("session %d: %v", i+1, err)
+		}
+		open = append(open, c)
+	}
+	_, err := n.client("wallet").Dial(relayCtx(t), "tower")
+	var re *RelayError
+	if !errors.As(err, &re) || re.Code != "busy" {
+		t.Fatalf("third session of one wallet: %v, want a busy RelayError", err)
+	}
+	mustContain(t, err.Error(), "wallet has 2 sessions already")
+	// Another wallet still gets through.
+	c, err := n.client("wallet2").Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatalf("other wallet: %v", err)
+	}
+	c.Close()
+	// Sessions that end free their slots.
+	open[0].Close()
+	open = open[1:]
+	relayWaitFor(t, "a freed session slot", func() bool {
+		c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+		if err != nil {
+			return false
+		}
+		open = append(open, c)
+		return true
+	})
+}
