@@ -121,6 +121,7 @@ type inState struct {
 	buf    *[maxMessage]byte // pooled; held only while a frame is in flight or unread
 	frameN int
 	plain  []byte // decrypted data not yet returned
+	idle   int    // records in a row that carried no data
 	err    error  // sticky
 	// broken is set once a frame failed to authenticate: Close then sends
 	// no close record, so the peer sees a truncation, not a clean end.
@@ -135,6 +136,11 @@ type outState struct {
 	closed    bool // close record sent
 	err       error
 }
+
+// maxIdleRecords bounds consecutive records without data (empty DATA,
+// REKEY), as crypto/tls bounds empty records: a peer cannot keep a Read busy
+// decrypting without making progress.
+const maxIdleRecords = 16
 
 var readBufPool = sync.Pool{New: func() any { return new([maxMessage]byte) }}
 
@@ -386,10 +392,19 @@ func (c *Conn) readRecord() error {
 	switch {
 	case typ == recordData && len(body) > 0:
 		in.plain = body
+		in.idle = 0
 		return nil
-	case typ == recordData:
-	case typ == recordRekey && len(body) == 0:
-		in.half.rekey()
+	case typ == recordData || (typ == recordRekey && len(body) == 0):
+		// Records without data cost a decryption each and return nothing;
+		// a sender needs at most one REKEY between two DATA records.
+		if in.idle++; in.idle > maxIdleRecords {
+			in.broken.Store(true)
+			in.err = fmt.Errorf("%w: %d records in a row without data", ErrFrame, in.idle)
+			break
+		}
+		if typ == recordRekey {
+			in.half.rekey()
+		}
 	case typ == recordClose && len(body) == 0:
 		in.err = io.EOF
 	default:
