@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -78,11 +79,15 @@ func TestEmbeddedTorOnion(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	start := time.Now()
-	tr, err := StartTor(ctx, &TorConfig{DataDir: filepath.Join(t.TempDir(), "tor"), Torrc: n.TorrcLines()})
+	var logs syncBuffer
+	tr, err := StartTor(ctx, &TorConfig{DataDir: filepath.Join(t.TempDir(), "tor"), Torrc: n.TorrcLines(),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatalf("StartTor: %v", err)
 	}
 	defer tr.Close()
+	// The tagged binary says which Tor it carries when it starts one.
+	mustContain(t, logs.String(), `msg="noisetor: starting the embedded tor" version="tor 0.4.`)
 	t.Logf("embedded tor bootstrapped in %v", time.Since(start).Round(time.Millisecond))
 	pids := embeddedTorChildren(t)
 	if len(pids) != 1 {

@@ -165,6 +165,9 @@ func StartTor(ctx context.Context, cfg *TorConfig) (*Tor, error) {
 		// With the embedtor build tag: the tor linked into this binary.
 		t.cfg.ProcessCreator = defaultTorProcessCreator
 		t.embedded = defaultTorProcessCreator != nil
+		if v, ok := EmbeddedTorVersion(); ok {
+			t.log.Info("noisetor: starting the embedded tor", "version", v)
+		}
 	}
 	if t.cfg.ProcessCreator == nil {
 		exe := cfg.ExePath
