@@ -159,7 +159,12 @@ func TestEmbeddedTorOnion(t *testing.T) {
 		start := time.Now()
 		var c net.Conn
 		for try := 1; ; try++ {
-			if c, err = d.DialContext(ctx, "tcp", addr); err == nil {
+			// Each attempt is bounded: a tor holding a stale descriptor
+			// otherwise waits out its 120 s SocksTimeout.
+			actx, acancel := context.WithTimeout(ctx, 30*time.Second)
+			c, err = d.DialContext(actx, "tcp", addr)
+			acancel()
+			if err == nil {
 				break
 			}
 			if time.Since(start) > 90*time.Second {
@@ -198,5 +203,6 @@ func TestEmbeddedTorOnion(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	t.Logf("republished %v after the kill", torWaitPublications(t, onion, 2, time.Minute).Round(time.Millisecond))
 	roundTrip()
 }
