@@ -87,20 +87,35 @@ func (n *Network) StartTor(ctx context.Context, opts *TorOptions) (*Tor, error) 
 		n.mu.Unlock()
 		return nil, errors.New("tortest: network is closed")
 	}
-	for i := len(n.tors) + 1; o.Name == ""; i++ {
+	// The data directory is the tor's identity in the network: create it
+	// under the lock, with a fresh name if this one is taken (a test run
+	// with -count=2 asks for the same name twice).
+	base := o.Name
+	for i := 1; ; i++ {
 		name := fmt.Sprintf("tor%d", i)
-		if _, err := os.Stat(filepath.Join(n.Dir, name)); errors.Is(err, os.ErrNotExist) {
+		if base != "" {
+			name = base
+			if i > 1 {
+				name = fmt.Sprintf("%s-%d", base, i)
+			}
+		}
+		err := os.Mkdir(filepath.Join(n.Dir, name), 0o700)
+		if err == nil {
 			o.Name = name
+			break
+		}
+		if !errors.Is(err, os.ErrExist) {
+			n.mu.Unlock()
+			return nil, fmt.Errorf("tortest: %w", err)
 		}
 	}
-	t := &Tor{Name: o.Name, ControlPassword: o.ControlPassword, n: n, bootstrap: o.BootstrapTimeout}
+	t := &Tor{Name: o.Name, ControlPassword: o.ControlPassword, n: n, bootstrap: o.BootstrapTimeout,
+		DataDir: filepath.Join(n.Dir, o.Name)}
+	// t.p exists from here on, so Close works on a tor whose start failed.
+	t.p = &torProc{name: o.Name, dir: t.DataDir, torPath: n.torPath}
 	n.tors = append(n.tors, t)
 	n.mu.Unlock()
 
-	t.DataDir = filepath.Join(n.Dir, o.Name)
-	if err := os.Mkdir(t.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("tortest: %w", err)
-	}
 	var b strings.Builder
 	b.WriteString(n.commonTorrc(t.DataDir))
 	b.WriteString("UseEntryGuards 0\n")
@@ -123,7 +138,6 @@ func (n *Network) StartTor(ctx context.Context, opts *TorOptions) (*Tor, error) 
 	// clash; restarts reuse them, so that whoever holds the addresses can
 	// reconnect.
 	portFile := filepath.Join(t.DataDir, "control.port")
-	t.p = &torProc{name: o.Name, dir: t.DataDir, torPath: n.torPath}
 	t.p.torrc = t.extra + "ControlPort auto\nControlPortWriteToFile " + portFile + "\n" +
 		"SocksPort 127.0.0.1:auto ExtendedErrors\n"
 	start := time.Now()

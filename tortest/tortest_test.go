@@ -122,3 +122,25 @@ func TestTorRestart(t *testing.T) {
 		t.Fatalf("Close: %v, running %v", err, tr.Running())
 	}
 }
+
+// A name asked for twice (as a test run with -count=2 does) gets a second,
+// distinct tor; a tor that fails to start is reported and does not break
+// the network's teardown.
+func TestTorNamesAndFailedStart(t *testing.T) {
+	n := tortest.Shared(t)
+	a := n.NewTor(t, &tortest.TorOptions{Name: "twice"})
+	b := n.NewTor(t, &tortest.TorOptions{Name: "twice"})
+	if a.Name == b.Name || a.DataDir == b.DataDir || a.SocksAddr == b.SocksAddr {
+		t.Fatalf("two tors share a name or directory: %q %q, %q %q", a.Name, b.Name, a.DataDir, b.DataDir)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	bad, err := n.StartTor(ctx, &tortest.TorOptions{Name: "broken", Torrc: []string{"NoSuchTorOption 1"}})
+	if err == nil {
+		bad.Close()
+		t.Fatal("a tor with an unknown torrc option started")
+	}
+	if !strings.Contains(err.Error(), "NoSuchTorOption") {
+		t.Errorf("error does not say what tor refused: %v", err)
+	}
+}
