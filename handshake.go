@@ -276,18 +276,19 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	}
 
 	var remote PublicKey
+	tags := pre.tagger(own)
 	if pre.pattern == KK {
 		// One HMAC per keyring entry; no DH, no trial decryption.
-		for _, p := range cfg.Keyring.Peers() {
-			if p.PublicKey.Curve() == own.Curve() && pre.tagMatches(own, p.PublicKey) {
-				c.state.Peer, remote = p, p.PublicKey
-				break
-			}
+		p, ok := cfg.Keyring.find(func(p Peer) bool {
+			return p.PublicKey.Curve() == own.Curve() && tags.matches(pre.tag, p.PublicKey)
+		})
+		if ok {
+			c.state.Peer, remote = p, p.PublicKey
 		}
 		if remote.IsZero() {
 			return fmt.Errorf("%w: KK preamble matches no keyring entry: the caller is not in our keyring, or has another public key for us (ours is %v, fingerprint %s)", ErrUnknownPeer, own, own.Fingerprint())
 		}
-	} else if !pre.tagMatches(own, PublicKey{}) {
+	} else if !tags.matches(pre.tag, PublicKey{}) {
 		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (ours is %v, fingerprint %s)", ErrUnknownPeer, own, own.Fingerprint())
 	}
 	if c.replay != nil && !c.replay.add(pre.salt) {

@@ -144,6 +144,22 @@ func (k *Keyring) insert(p Peer) {
 	}
 }
 
+// find returns a peer for which match is true, trying them in no particular
+// order; match must not call back into the keyring.
+func (k *Keyring) find(match func(Peer) bool) (Peer, bool) {
+	if k == nil {
+		return Peer{}, false
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	for _, p := range k.byName {
+		if match(p) {
+			return p, true
+		}
+	}
+	return Peer{}, false
+}
+
 // ByName returns the peer called name.
 func (k *Keyring) ByName(name string) (Peer, bool) {
 	if k == nil {

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 )
 
@@ -106,26 +107,49 @@ func parsePreamble(b []byte) (*preamble, error) {
 	return p, nil
 }
 
-// computeTag returns the preamble tag: the first 16 bytes of
-// HMAC-SHA256(SHA256("noisetor preamble v1" || 0x00 || responder key),
-// preamble[0:24] || initiator key), the initiator key being empty for XK.
-func (p *preamble) computeTag(responder, initiator PublicKey) [preambleTag]byte {
+// A tagger computes the tags of one preamble for one responder key: the
+// first 16 bytes of HMAC-SHA256(SHA256("noisetor preamble v1" || 0x00 ||
+// responder key), preamble[0:24] || initiator key), the initiator key being
+// empty for XK. The HMAC key and the header are the same for every keyring
+// entry a KK responder tries, so they are prepared once.
+type tagger struct {
+	pattern Pattern
+	header  []byte
+	mac     hash.Hash
+	sum     []byte
+}
+
+func (p *preamble) tagger(responder PublicKey) *tagger {
 	k := sha256.New()
 	k.Write([]byte("noisetor preamble v1\x00"))
 	k.Write([]byte(responder.raw))
-	m := hmac.New(sha256.New, k.Sum(nil))
-	m.Write(p.marshal()[:24])
-	if p.pattern == KK {
-		m.Write([]byte(initiator.raw))
-	}
-	var tag [preambleTag]byte
-	copy(tag[:], m.Sum(nil))
-	return tag
+	return &tagger{pattern: p.pattern, header: p.marshal()[:24], mac: hmac.New(sha256.New, k.Sum(nil))}
 }
 
+func (t *tagger) tag(initiator PublicKey) [preambleTag]byte {
+	t.mac.Reset()
+	t.mac.Write(t.header)
+	if t.pattern == KK {
+		t.mac.Write([]byte(initiator.raw))
+	}
+	t.sum = t.mac.Sum(t.sum[:0])
+	return [preambleTag]byte(t.sum[:preambleTag])
+}
+
+// matches compares in constant time.
+func (t *tagger) matches(tag [preambleTag]byte, initiator PublicKey) bool {
+	want := t.tag(initiator)
+	return subtle.ConstantTimeCompare(want[:], tag[:]) == 1
+}
+
+// computeTag returns the tag of p for one responder and initiator key.
+func (p *preamble) computeTag(responder, initiator PublicKey) [preambleTag]byte {
+	return p.tagger(responder).tag(initiator)
+}
+
+// tagMatches reports whether p carries the tag for these keys.
 func (p *preamble) tagMatches(responder, initiator PublicKey) bool {
-	want := p.computeTag(responder, initiator)
-	return subtle.ConstantTimeCompare(want[:], p.tag[:]) == 1
+	return p.tagger(responder).matches(p.tag, initiator)
 }
 
 // prologue binds the whole preamble into the Noise handshake, so that a
