@@ -655,3 +655,31 @@ func TestPublicKeyFingerprint(t *testing.T) {
 		t.Error("fingerprint() differs from the spec")
 	}
 }
+
+// The Tor keys are secrets too: no fmt verb on the key or its value may show
+// the private bytes in any encoding.
+func TestTorKeysNeverPrinted(t *testing.T) {
+	ok, err := GenerateOnionKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := GenerateClientAuthKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secrets := map[string][]byte{"onion key": ok.expanded[:32], "client-auth key": ck.priv.Bytes()}
+	values := map[string]any{"*OnionKey": ok, "OnionKey": *ok, "*ClientAuthKey": ck, "ClientAuthKey": *ck}
+	for name, v := range values {
+		for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%x", "%X", "%q", "%d"} {
+			out := fmt.Sprintf(verb, v)
+			for what, sec := range secrets {
+				for _, form := range []string{hex.EncodeToString(sec), strings.ToUpper(hex.EncodeToString(sec)),
+					fmt.Sprint(sec), base64.StdEncoding.EncodeToString(sec)} {
+					if strings.Contains(out, form) {
+						t.Errorf("%s %s reveals the %s: %q", name, verb, what, out)
+					}
+				}
+			}
+		}
+	}
+}

@@ -1516,13 +1516,13 @@ func (k *OnionKey) ServiceID() string {
 func (k *OnionKey) Address() string { return k.ServiceID() + ".onion" }
 
 // String returns the address only, never the private key.
-func (k *OnionKey) String() string { return "noisetor.OnionKey(" + k.Address() + ")" }
+func (k OnionKey) String() string { return "noisetor.OnionKey(" + k.Address() + ")" }
 
 // GoString is like String.
-func (k *OnionKey) GoString() string { return k.String() }
+func (k OnionKey) GoString() string { return k.String() }
 
 // Format prints String for every verb.
-func (k *OnionKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+func (k OnionKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
 
 // MarshalPrivateText returns the key file encoding,
 // "NOISETOR-ONION-KEY-ED25519-V3:<base64url of tor's 64-byte expanded key>\n".
@@ -1621,13 +1621,13 @@ func (k *ClientAuthKey) PublicKey() string {
 }
 
 // String returns the public key only.
-func (k *ClientAuthKey) String() string { return "noisetor.ClientAuthKey(" + k.PublicKey() + ")" }
+func (k ClientAuthKey) String() string { return "noisetor.ClientAuthKey(" + k.PublicKey() + ")" }
 
 // GoString is like String.
-func (k *ClientAuthKey) GoString() string { return k.String() }
+func (k ClientAuthKey) GoString() string { return k.String() }
 
 // Format prints String for every verb.
-func (k *ClientAuthKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+func (k ClientAuthKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
 
 // MarshalPrivateText returns the key file encoding,
 // "NOISETOR-TOR-CLIENT-AUTH-X25519:<base32 private key>\n".
