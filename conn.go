@@ -71,7 +71,7 @@ type Conn struct {
 // halfState is the cipher state of one direction.
 type halfState struct {
 	cs        *noise.CipherState
-	bytes     int64 // ciphertext bytes since the last rekey
+	bytes     int64 // ciphertext bytes sent since the last rekey (the sender decides)
 	rekeyedAt time.Time
 }
 
@@ -102,7 +102,6 @@ func (h *halfState) open(dst, frame []byte) (typ byte, body []byte, err error) {
 	if err != nil || len(pt) == 0 {
 		return 0, nil, fmt.Errorf("%w: frame failed to authenticate", ErrFrame)
 	}
-	h.bytes += int64(len(frame))
 	return pt[0], pt[1:], nil
 }
 
