@@ -50,6 +50,25 @@ func (h *countingHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
 func (h *countingHandler) WithGroup(string) slog.Handler            { return h }
 
 func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
+	if r.Message == refusalLogMessage {
+		// A Listener's counts of callers that proved no key.
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == "reasons" {
+				for _, g := range a.Value.Group() {
+					n := g.Value.Int64()
+					h.failed.Add(n)
+					h.mu.Lock()
+					if h.reasons == nil {
+						h.reasons = map[string]int{}
+					}
+					h.reasons[g.Key] += int(n)
+					h.mu.Unlock()
+				}
+			}
+			return true
+		})
+		return nil
+	}
 	var outcome, reason string
 	r.Attrs(func(a slog.Attr) bool {
 		switch a.Key {
@@ -166,6 +185,9 @@ func newAbuseServer(t *testing.T, tune func(*Config)) *abuseServer {
 	})
 	return s
 }
+
+// flushLogs writes the listener's held-back counts of refused callers.
+func (s *abuseServer) flushLogs() { s.ln.(*listener).refusals.flush() }
 
 // dialLegit connects as the keyring peer "client" within timeout, and returns
 // the dialer's end and the end that Accept returned.
@@ -311,37 +333,50 @@ func randBytes(n int) []byte {
 // garbage returns the first flight of one kind of hostile caller. None of
 // them belongs to a keyring peer, so none may cost the listener a DH.
 func garbage(kind int, server PublicKey) (name string, b []byte) {
-	validPreamble := func(p Pattern, initiator PublicKey, cipher CipherSuite) []byte {
+	// validPreamble is a well-formed preamble: for KK sealed with the pair
+	// key of initiator (nil: a random hint and tag), for XK with the real
+	// XK tag of server.
+	validPreamble := func(p Pattern, initiator *PrivateKey, cipher CipherSuite) []byte {
 		pre := preamble{pattern: p, curve: X25519, cipher: cipher}
 		rand.Read(pre.salt[:])
-		pre.tag = pre.computeTag(server, initiator)
-		return appendMessage(pre.marshal(), randBytes(48))
+		var raw []byte
+		switch {
+		case p == XK:
+			raw = pre.sealXK(server)
+		case initiator != nil:
+			ss, _ := initiator.DH(server)
+			k, _ := derivePairKey(ss, initiator.PublicKey(), server)
+			raw = pre.sealKK(k, time.Now())
+		default:
+			raw = pre.marshal()
+			copy(raw[24:], randBytes(preambleHint+preambleTag))
+		}
+		return appendMessage(raw, randBytes(48))
 	}
 	switch kind {
 	case 0:
 		return "connect-and-close", nil
 	case 1:
-		return "random-40", randBytes(preambleLen)
+		return "random-48", randBytes(preambleLen)
 	case 2:
 		return "random-2000", randBytes(2000)
 	case 3:
-		// Right magic and parameters, random tag: a scanner that knows the
-		// protocol but not our key.
-		b := validPreamble(KK, PublicKey{}, ChaChaPoly)
-		copy(b[24:40], randBytes(16))
-		return "kk-random-tag", b
+		// Right magic and parameters, random hint and tag: a scanner that
+		// knows the protocol, or anyone who knows only public keys.
+		return "kk-random-hint-tag", validPreamble(KK, nil, ChaChaPoly)
 	case 4:
-		b := validPreamble(XK, PublicKey{}, ChaChaPoly)
-		copy(b[24:40], randBytes(16))
+		b := validPreamble(XK, nil, ChaChaPoly)
+		copy(b[32:48], randBytes(16))
 		return "xk-random-tag", b
 	case 5:
-		b := validPreamble(KK, PublicKey{}, ChaChaPoly)
+		b := validPreamble(KK, nil, ChaChaPoly)
 		b[4] = wireVersion + 1
 		return "wrong-version", b
 	case 6:
-		// Knows our public key, but is not in our keyring.
+		// Knows our public key and seals a genuine preamble with its own
+		// key, which is not in our keyring.
 		outsider, _ := GenerateKey(X25519, nil)
-		return "kk-outsider", validPreamble(KK, outsider.PublicKey(), ChaChaPoly)
+		return "kk-outsider", validPreamble(KK, outsider, ChaChaPoly)
 	case 7:
 		return "http-get", []byte("GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 	}
@@ -368,14 +403,20 @@ func TestAbuseHandshakeFlood(t *testing.T) {
 		c.Patterns = []Pattern{KK, XK} // so XK garbage meets the XK tag check
 	})
 
-	// One legitimate handshake first, to learn what one costs in DH.
-	c, sc, err := s.dialLegit(t, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	// Two legitimate handshakes first, to learn what one costs in DH (the
+	// first also derives the pair keys, one DH per keyring peer).
+	var dhBefore int64
+	for range 2 {
+		dhBefore = s.key.dh.Load()
+		c, sc, err := s.dialLegit(t, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		sc.Close()
 	}
-	c.Close()
-	sc.Close()
-	dhPerHandshake := s.key.dh.Load()
+	dhPerHandshake := s.key.dh.Load() - dhBefore
+	dhBefore = s.key.dh.Load()
 	if dhPerHandshake == 0 {
 		t.Fatal("counting key saw no DH for a real handshake")
 	}
@@ -458,11 +499,12 @@ func TestAbuseHandshakeFlood(t *testing.T) {
 	<-legitDone
 	peak := sampler.finish()
 
-	// Every garbage connection the kernel accepted gets a failure log line.
+	// Every garbage connection the kernel accepted is counted as refused.
 	want := dialed.Load()
 	deadline := time.Now().Add(5 * time.Second)
 	for s.log.failed.Load() < want && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
+		s.flushLogs()
 	}
 	t.Logf("garbage: %d connections in %v (%.0f/s); legitimate: %d ok, slowest %v; DH: %d (%d per handshake); peak goroutines %d (base %d); peak live heap growth %d KiB (unforced peak %d KiB)",
 		want, elapsed.Round(time.Millisecond), float64(want)/elapsed.Seconds(),
@@ -476,8 +518,8 @@ func TestAbuseHandshakeFlood(t *testing.T) {
 	if legitOK.Load() == 0 || legitFailed.Load() != 0 {
 		t.Errorf("legitimate handshakes during the flood: %d ok, %d failed", legitOK.Load(), legitFailed.Load())
 	}
-	if got, wantDH := s.key.dh.Load(), dhPerHandshake*(1+legitOK.Load()); got != wantDH {
-		t.Errorf("static-key DH operations: %d, want %d (%d legitimate handshakes): garbage triggered DH", got, wantDH, 1+legitOK.Load())
+	if got, wantDH := s.key.dh.Load()-dhBefore, dhPerHandshake*legitOK.Load(); got != wantDH {
+		t.Errorf("static-key DH operations: %d, want %d (%d legitimate handshakes): garbage triggered DH", got, wantDH, legitOK.Load())
 	}
 	if n := notClosed.Load(); n != 0 {
 		t.Errorf("%d garbage connections were not closed within 1s", n)
@@ -485,8 +527,8 @@ func TestAbuseHandshakeFlood(t *testing.T) {
 	if got := s.log.failed.Load(); got != want {
 		t.Errorf("logged %d failed handshakes for %d garbage connections", got, want)
 	}
-	if got := s.log.ok.Load(); got != 1+legitOK.Load() {
-		t.Errorf("logged %d successful handshakes, want %d", got, 1+legitOK.Load())
+	if got := s.log.ok.Load(); got != 2+legitOK.Load() {
+		t.Errorf("logged %d successful handshakes, want %d", got, 2+legitOK.Load())
 	}
 	// Each pending handshake holds at most two goroutines (the handshake and
 	// its deadline watcher); everything else is this test's.
@@ -583,10 +625,11 @@ func TestAbuseSlowloris(t *testing.T) {
 		t.Errorf("stalled connections caused %d DH operations", got-dhLegit)
 	}
 	deadline := time.Now().Add(2 * time.Second)
-	for s.log.count("timed out") < stalled && time.Now().Before(deadline) {
+	for s.log.count("no preamble") < stalled && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
+		s.flushLogs()
 	}
-	if got := s.log.count("timed out"); got != stalled {
+	if got := s.log.count("no preamble"); got != stalled {
 		t.Errorf("logged %d handshake timeouts for %d stalled connections; reasons:\n  %s", got, stalled, s.log.summary())
 	}
 	s.expectNoAccept(t, 0)
@@ -710,8 +753,9 @@ func TestAbuseReplay(t *testing.T) {
 		deadline := time.Now().Add(2 * time.Second)
 		for s.log.failed.Load()-failedBefore < replays && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
+			s.flushLogs()
 		}
-		if got := s.log.count("replayed handshake"); got != replays {
+		if got := s.log.count("replayed preamble"); got != replays {
 			t.Errorf("logged %d replays, want %d; reasons:\n  %s", got, replays, s.log.summary())
 		}
 		s.expectNoAccept(t, 200*time.Millisecond)
@@ -721,9 +765,9 @@ func TestAbuseReplay(t *testing.T) {
 		// A second listener with the same key and an empty replay cache.
 		fresh := &countingKey{PrivateKey: s.key.PrivateKey}
 		log := &countingHandler{}
-		cfg := *s.cfg
+		cfg := s.cfg.Clone()
 		cfg.StaticKey, cfg.Logger = fresh, slog.New(log)
-		ln, err := Listen("tcp", "127.0.0.1:0", &cfg)
+		ln, err := Listen("tcp", "127.0.0.1:0", cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -764,7 +808,7 @@ func TestAbuseReplay(t *testing.T) {
 		for log.failed.Load() < 1+replays/10 && time.Now().Before(deadline) {
 			time.Sleep(10 * time.Millisecond)
 		}
-		if n := log.count("did not confirm"); n != 1 {
+		if n := log.count("not a confirm record"); n != 1 {
 			t.Errorf("logged %d unconfirmed handshakes, want 1; reasons:\n  %s", n, log.summary())
 		}
 	})

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"time"
 )
 
@@ -77,16 +78,36 @@ type Config struct {
 	// several round trips over Tor circuits.
 	HandshakeTimeout time.Duration
 
-	// MaxPendingHandshakes bounds the connections a Listener holds before their
-	// handshake completes. When it is reached the oldest pending connection is
-	// dropped, so that stalled connections cannot lock out real peers.
+	// MaxPendingHandshakes bounds the connections a Listener holds that have
+	// not yet sent a valid preamble (or, for XK, message 3): anyone on the
+	// network can open those. When it is reached, the oldest connection from
+	// the remote address that holds the most of them is dropped, so a flood
+	// from one address can only push out its own connections. Connections
+	// that have proved a keyring key are never dropped for this.
 	// Default: 1024.
 	MaxPendingHandshakes int
 
-	// MaxConcurrentDH bounds the handshakes a Listener runs past the preamble
-	// check at once, that is, the DH operations in flight (they may run on a
-	// hardware token). Default: 4 × GOMAXPROCS.
+	// PreambleTimeout bounds the wait for a caller's preamble, which an
+	// initiator sends as soon as it has connected. Default: 15s (a Tor
+	// rendezvous circuit takes one round trip before the preamble arrives).
+	PreambleTimeout time.Duration
+
+	// MaxHandshakesPerPeer bounds the handshakes one keyring peer runs at
+	// once on a Listener; more of its connections wait for a turn (up to 15
+	// times as many; past that they are refused). A peer can use up only its
+	// own share. Default: 8.
+	MaxHandshakesPerPeer int
+
+	// MaxConcurrentDH bounds the DH operations a Listener computes at once
+	// (they may run on a hardware token). A slot is held only while a DH is
+	// computed, never across network I/O. Default: 4 × GOMAXPROCS.
 	MaxConcurrentDH int
+
+	// AcceptBacklog bounds the connections whose handshake has completed but
+	// that Accept has not returned yet. A completed handshake waits for room
+	// until its HandshakeTimeout, holding its peer's turn, and is then closed.
+	// Default: 64.
+	AcceptBacklog int
 
 	// RekeyAfterBytes and RekeyAfter bound how much traffic and how much time
 	// one transport key protects in each direction; after either, the sender
@@ -98,14 +119,26 @@ type Config struct {
 	// Default: crypto/rand.Reader.
 	Random io.Reader
 
-	// Logger receives one record per connection attempt, in and out.
-	// Default: slog.Default().
+	// Time returns the current time, for the preamble's time window
+	// (WIRE.md §3). Default: time.Now.
+	Time func() time.Time
+
+	// Logger receives one record per connection attempt, in and out, except
+	// that a Listener counts the attempts of callers that proved no keyring
+	// key and logs the counts once a minute. Default: slog.Default().
 	Logger *slog.Logger
+
+	// pairKeys is derived from StaticKey and Keyring on first use.
+	pairKeysOnce sync.Once
+	pairKeys     *pairKeys
 }
 
 const (
 	defaultHandshakeTimeout     = 60 * time.Second
 	defaultMaxPendingHandshakes = 1024
+	defaultPreambleTimeout      = 15 * time.Second
+	defaultMaxHandshakesPerPeer = 8
+	defaultAcceptBacklog        = 64
 	defaultRekeyAfterBytes      = 1 << 30
 	defaultRekeyAfter           = time.Hour
 )
@@ -143,6 +176,73 @@ func (c *Config) rekeyAfter() time.Duration {
 		return defaultRekeyAfter
 	}
 	return c.RekeyAfter
+}
+
+func (c *Config) preambleTimeout() time.Duration {
+	if c.PreambleTimeout <= 0 {
+		return defaultPreambleTimeout
+	}
+	return c.PreambleTimeout
+}
+
+func (c *Config) maxHandshakesPerPeer() int {
+	if c.MaxHandshakesPerPeer <= 0 {
+		return defaultMaxHandshakesPerPeer
+	}
+	return c.MaxHandshakesPerPeer
+}
+
+func (c *Config) maxPendingHandshakes() int {
+	if c.MaxPendingHandshakes <= 0 {
+		return defaultMaxPendingHandshakes
+	}
+	return c.MaxPendingHandshakes
+}
+
+func (c *Config) acceptBacklog() int {
+	if c.AcceptBacklog <= 0 {
+		return defaultAcceptBacklog
+	}
+	return c.AcceptBacklog
+}
+
+func (c *Config) now() time.Time {
+	if c.Time == nil {
+		return time.Now()
+	}
+	return c.Time()
+}
+
+// Clone returns a copy of c with its exported fields; state derived from
+// them (such as the preamble keys) is not copied. A Config in use must not be
+// copied with *c, as in crypto/tls.
+func (c *Config) Clone() *Config {
+	if c == nil {
+		return nil
+	}
+	return &Config{
+		StaticKey:            c.StaticKey,
+		Keyring:              c.Keyring,
+		Patterns:             c.Patterns,
+		CipherSuites:         c.CipherSuites,
+		HandshakeTimeout:     c.HandshakeTimeout,
+		MaxPendingHandshakes: c.MaxPendingHandshakes,
+		PreambleTimeout:      c.PreambleTimeout,
+		MaxHandshakesPerPeer: c.MaxHandshakesPerPeer,
+		MaxConcurrentDH:      c.MaxConcurrentDH,
+		AcceptBacklog:        c.AcceptBacklog,
+		RekeyAfterBytes:      c.RekeyAfterBytes,
+		RekeyAfter:           c.RekeyAfter,
+		Random:               c.Random,
+		Time:                 c.Time,
+		Logger:               c.Logger,
+	}
+}
+
+// keys returns the preamble keys derived from c.StaticKey, which must be set.
+func (c *Config) keys() *pairKeys {
+	c.pairKeysOnce.Do(func() { c.pairKeys = newPairKeys(c.StaticKey) })
+	return c.pairKeys
 }
 
 func (c *Config) rand() io.Reader {

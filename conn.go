@@ -45,11 +45,22 @@ type Conn struct {
 	addr     string // the dialed address, for logs
 
 	// Set before the handshake by HandshakeInitiate/Respond and the Listener.
-	ephemeral    *PrivateKey
-	remoteStatic PublicKey
-	replay       *replayCache
-	dhGate       func(context.Context) (release func(), err error)
-	dropReason   atomic.Pointer[string] // why the Listener closed it mid-handshake
+	ephemeral       *PrivateKey
+	remoteStatic    PublicKey
+	guard           *listener              // the Listener whose admission rules apply
+	cancelHandshake context.CancelFunc     // set with guard
+	dropReason      atomic.Pointer[string] // why the Listener closed it mid-handshake
+
+	// The Listener's admission state (admission.go), under its mutex.
+	source          string
+	unauthenticated bool
+	preambleTimer   *time.Timer
+	turn            *peerTurns
+
+	// Set by the responder's handshake.
+	handshakeStart time.Time
+	authenticated  bool   // the caller proved a keyring key
+	refusal        string // why an unauthenticated caller was refused, in fixed words
 
 	handshakeMu   sync.Mutex
 	handshakeDone atomic.Bool
@@ -270,6 +281,7 @@ func (c *Conn) HandshakeContext(ctx context.Context) error {
 		return c.handshakeErr
 	}
 	start := time.Now()
+	c.handshakeStart = start
 	err := c.cfg.check()
 	if err == nil {
 		stop, ctxBound := c.handshakeDeadline(ctx)

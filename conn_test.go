@@ -270,13 +270,15 @@ func TestHandshakeInitiateRespondDeterministic(t *testing.T) {
 		defer y.Close()
 		ea, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{7}, 32))
 		eb, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{9}, 32))
-		ps["a"].cfg.Random = bytes.NewReader(bytes.Repeat([]byte{1}, 64)) // preamble salt
+		at := func() time.Time { return time.Unix(1800000000, 0) }                         // the hint's window
+		ca, cb := ps["a"].cfg.Clone(), ps["b"].cfg.Clone()                                 // b's replay cache would refuse the second run
+		ca.Random, ca.Time, cb.Time = bytes.NewReader(bytes.Repeat([]byte{1}, 64)), at, at // preamble salt
 		done := make(chan error, 1)
 		go func() {
-			_, err := HandshakeRespond(context.Background(), &recordingConn{Conn: y, w: &syncWriter{b: &rec}}, ps["b"].cfg, eb, ps["a"].key.PublicKey())
+			_, err := HandshakeRespond(context.Background(), &recordingConn{Conn: y, w: &syncWriter{b: &rec}}, cb, eb, ps["a"].key.PublicKey())
 			done <- err
 		}()
-		c, err := HandshakeInitiate(context.Background(), &recordingConn{Conn: x, w: &syncWriter{b: &rec}}, ps["a"].cfg, ea, ps["b"].key.PublicKey())
+		c, err := HandshakeInitiate(context.Background(), &recordingConn{Conn: x, w: &syncWriter{b: &rec}}, ca, ea, ps["b"].key.PublicKey())
 		if err != nil {
 			t.Fatal(err)
 		}

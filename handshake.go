@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/flynn/noise"
@@ -28,6 +29,9 @@ type dhFunc struct {
 	curve  Curve
 	static StaticKey
 	eph    *ecdh.PrivateKey
+	// gate takes one of the Listener's DH slots for the length of one DH;
+	// nil outside a Listener.
+	gate func() (release func(), err error)
 }
 
 var staticRef = []byte{0}
@@ -45,15 +49,29 @@ func (d *dhFunc) GenerateKeypair(random io.Reader) (noise.DHKey, error) {
 }
 
 func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
+	if d.gate != nil {
+		release, err := d.gate()
+		if err != nil {
+			return nil, &dhSlotError{err}
+		}
+		defer release()
+	}
 	if len(priv) == len(staticRef) {
 		if d.static == nil {
 			return nil, errors.New("noisetor: no static key")
 		}
-		// The remote key is either from the keyring (checked when added) or
-		// a peer's key from the handshake; a low-order point makes DH fail.
+		// The peer's point is checked here, before it reaches a StaticKey
+		// that may be a token or another key store that does not check it:
+		// a low-order point would give a known shared secret.
+		if err := checkPeerPoint(d.curve, pub); err != nil {
+			return nil, err
+		}
 		out, err := d.static.DH(PublicKey{curve: d.curve, raw: string(pub)})
 		if err != nil && !errors.Is(err, ErrBadKey) {
 			return nil, &staticKeyError{err} // our key failed (a token went away), not the peer
+		}
+		if err == nil && allZero(out) {
+			return nil, errInvalidPeerPoint
 		}
 		return out, err
 	}
@@ -66,12 +84,63 @@ func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
 	}
 	p, err := d.curve.ecdh().NewPublicKey(pub)
 	if err != nil {
-		return nil, fmt.Errorf("%w: peer sent an invalid %s point", ErrHandshake, d.curve)
+		return nil, errInvalidPeerPoint
 	}
-	return k.ECDH(p) // fails on an all-zero (low-order) result
+	out, err := k.ECDH(p)
+	if err != nil {
+		return nil, errInvalidPeerPoint // an all-zero (low-order) result
+	}
+	return out, nil
 }
 
 func (d *dhFunc) DHLen() int { return d.curve.publicKeyLen() }
+
+// errInvalidPeerPoint: the peer sent a key that is not a point of the curve
+// or is of low order.
+var errInvalidPeerPoint = fmt.Errorf("%w: the peer sent an invalid public key (off the curve, or of low order)", ErrHandshake)
+
+// checkPeerPoint rejects a peer's point without a scalar multiplication: for
+// P-256 an off-curve point, for X25519 the points of small order (their DH
+// output is the same for every scalar), in every 32-byte encoding.
+func checkPeerPoint(c Curve, raw []byte) error {
+	if len(raw) != c.publicKeyLen() {
+		return errInvalidPeerPoint
+	}
+	if c == X25519 {
+		var u [32]byte
+		copy(u[:], raw)
+		u[31] &= 0x7f // X25519 ignores the top bit
+		for _, bad := range x25519SmallOrder {
+			if u == bad {
+				return errInvalidPeerPoint
+			}
+		}
+		return nil
+	}
+	if _, err := c.ecdh().NewPublicKey(raw); err != nil {
+		return errInvalidPeerPoint
+	}
+	return nil
+}
+
+// x25519SmallOrder lists the u-coordinates of the points of order 1, 2, 4
+// and 8, with the non-canonical encodings p and p+1 of 0 and 1 (the list of
+// libsodium's crypto_scalarmult_curve25519; TestX25519SmallOrder checks each
+// against a DH).
+var x25519SmallOrder = [][32]byte{
+	{},     // 0
+	{0x01}, // 1
+	{0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4, 0x6a,
+		0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49, 0xb8, 0x00},
+	{0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef, 0x5b,
+		0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f, 0x11, 0x57},
+	{0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+		0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f}, // p-1
+	{0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+		0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f}, // p
+	{0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+		0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f}, // p+1
+}
 
 // staticKeyError marks a failure of this side's StaticKey, so that the
 // handshake reports it instead of blaming the peer's message.
@@ -80,14 +149,28 @@ type staticKeyError struct{ err error }
 func (e *staticKeyError) Error() string { return e.err.Error() }
 func (e *staticKeyError) Unwrap() error { return e.err }
 
+// dhSlotError: the wait for a DH slot ended (deadline, eviction, listener
+// closed) before one was free.
+type dhSlotError struct{ err error }
+
+func (e *dhSlotError) Error() string { return "waiting for a DH slot: " + e.err.Error() }
+func (e *dhSlotError) Unwrap() error { return e.err }
+
 // readMessageErr explains why hs.ReadMessage failed on a handshake message:
-// our own static key (such as a token that went away), or the message.
-func readMessageErr(err error, what string) error {
+// our own static key (such as a token that went away), an invalid key in the
+// message, or the message itself.
+func readMessageErr(err error, msg, failure string) error {
 	var se *staticKeyError
-	if errors.As(err, &se) {
+	var slot *dhSlotError
+	switch {
+	case errors.As(err, &se):
 		return fmt.Errorf("%w: our static key failed: %w", ErrHandshake, se.err)
+	case errors.As(err, &slot):
+		return fmt.Errorf("noisetor: %w", slot)
+	case errors.Is(err, errInvalidPeerPoint):
+		return fmt.Errorf("%w: %s carries an invalid public key (off the curve, or of low order)", ErrHandshake, msg)
 	}
-	return fmt.Errorf("%w: %s", ErrHandshake, what)
+	return fmt.Errorf("%w: %s %s", ErrHandshake, msg, failure)
 }
 
 func (d *dhFunc) DHName() string {
@@ -120,13 +203,14 @@ type handshakeParams struct {
 	remoteStatic PublicKey // zero for an XK responder
 	prologue     []byte
 	random       io.Reader // source of the ephemeral key
+	gate         func() (release func(), err error)
 }
 
 // newHandshakeState builds the flynn/noise state for p: protocol name
 // Noise_<pattern>_<25519|P256>_<ChaChaPoly|AESGCM>_SHA256.
 func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
 	curve := p.static.PublicKey().Curve()
-	dh := &dhFunc{curve: curve, static: p.static}
+	dh := &dhFunc{curve: curve, static: p.static, gate: p.gate}
 	cfg := noise.Config{
 		CipherSuite:   noise.NewCipherSuite(dh, p.cipher.noiseCipher(), noise.HashSHA256),
 		Random:        p.random,
@@ -190,8 +274,16 @@ func (c *Conn) clientHandshake() error {
 	if _, err := io.ReadFull(cfg.rand(), pre.salt[:]); err != nil {
 		return fmt.Errorf("noisetor: reading randomness: %w", err)
 	}
-	pre.tag = pre.computeTag(remote, own)
-	rawPreamble := pre.marshal()
+	var rawPreamble []byte
+	if pre.pattern == KK {
+		k, err := cfg.keys().toPeer(remote)
+		if err != nil {
+			return readMessageErr(err, "the preamble", "could not be keyed")
+		}
+		rawPreamble = pre.sealKK(k, cfg.now())
+	} else {
+		rawPreamble = pre.sealXK(remote)
+	}
 
 	hs, err := newHandshakeState(handshakeParams{
 		initiator: true, pattern: pre.pattern, cipher: pre.cipher,
@@ -205,20 +297,20 @@ func (c *Conn) clientHandshake() error {
 	// -> e, es, ss (KK) or -> e, es (XK). No payload: message 1 can be replayed.
 	msg1, _, _, err := hs.WriteMessage(nil, nil)
 	if err != nil {
-		return fmt.Errorf("%w: writing message 1: %v", ErrHandshake, err)
+		return readMessageErr(err, "message 1", "could not be written")
 	}
 	if _, err := c.conn.Write(appendMessage(rawPreamble, msg1)); err != nil {
-		return fmt.Errorf("noisetor: sending preamble and message 1: %w", err)
+		return c.refusedErr("message 2", fmt.Errorf("noisetor: sending preamble and message 1: %w", err))
 	}
 
 	// <- e, ee, se (KK) or <- e, ee (XK)
 	msg2, err := readMessage(c.conn)
 	if err != nil {
-		return handshakeReadErr("message 2", err)
+		return c.refusedErr("message 2", handshakeReadErr("message 2", err))
 	}
 	payload, cs1, cs2, err := hs.ReadMessage(nil, msg2)
 	if err != nil {
-		return readMessageErr(err, "message 2 did not authenticate (the responder does not hold the key we have for it, or the bytes were altered)")
+		return readMessageErr(err, "message 2", "did not authenticate (the responder does not hold the key we have for it, or the bytes were altered)")
 	}
 	if len(payload) != 0 {
 		return fmt.Errorf("%w: message 2 carries a payload", ErrHandshake)
@@ -230,7 +322,7 @@ func (c *Conn) clientHandshake() error {
 		var msg3 []byte
 		msg3, cs1, cs2, err = hs.WriteMessage(nil, nil)
 		if err != nil {
-			return fmt.Errorf("%w: writing message 3: %v", ErrHandshake, err)
+			return readMessageErr(err, "message 3", "could not be written")
 		}
 		out = appendMessage(out, msg3)
 	}
@@ -241,30 +333,97 @@ func (c *Conn) clientHandshake() error {
 
 	// The confirm record proves to the responder that we hold the ephemeral
 	// key, so a replayed message 1 never yields a session (WIRE.md §6.2).
-	send := newHalfState(cs1)
+	send, recv := newHalfState(cs1), newHalfState(cs2)
 	out = send.seal(out, recordConfirm, nil)
 	if _, err := c.conn.Write(out); err != nil {
-		return fmt.Errorf("noisetor: sending confirm record: %w", err)
+		return c.refusedErr("its confirm record", fmt.Errorf("noisetor: sending confirm record: %w", err))
 	}
-	c.out.half, c.in.half = send, newHalfState(cs2)
+	if c.state.Pattern == XK {
+		// The XK responder learns who we are only from message 3; its own
+		// confirm says it has found our key in its keyring, so that Dial
+		// fails here rather than at the first Read (WIRE.md §6.2).
+		if err := readConfirm(c.conn, recv); err != nil {
+			return c.refusedErr("its confirm record", err)
+		}
+	}
+	c.out.half, c.in.half = send, recv
 	return nil
 }
 
-// serverHandshake runs the responder side. Everything up to the DH gate costs
-// only HMACs, so a scanner or a stale peer is dropped before any DH.
+// refusedErr turns the end of the connection where the responder's next
+// message (next) was due into ErrRefused, with what the operator can check:
+// both keys' fingerprints. Other errors pass unchanged.
+func (c *Conn) refusedErr(next string, err error) error {
+	if !isClosedByPeer(err) {
+		return err
+	}
+	own := c.cfg.StaticKey.PublicKey()
+	remote := c.state.Peer.PublicKey
+	if remote.IsZero() {
+		remote = c.remoteStatic
+	}
+	why := "it does not list our key, or the key we hold for it is not its key, or our clocks differ by more than 10 minutes, or it is at its connection limits"
+	if c.state.Pattern == XK && next == "its confirm record" {
+		why = "it does not list our key in its keyring"
+	}
+	return fmt.Errorf("%w: %q closed the connection instead of sending %s: %s (our key's fingerprint %s; the key we hold for %q has fingerprint %s)",
+		ErrRefused, c.state.Peer.Name, next, why, own.Fingerprint(), c.state.Peer.Name, remote.Fingerprint())
+}
+
+// isClosedByPeer reports an end of stream or a reset: what an initiator sees
+// when the responder refuses it.
+func isClosedByPeer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// readConfirm reads the first transport record, which must be CONFIRM.
+func readConfirm(r io.Reader, recv *halfState) error {
+	frame, err := readMessage(r)
+	if err != nil {
+		return handshakeReadErr("confirm record", err)
+	}
+	typ, body, err := recv.open(frame[:0], frame)
+	if err != nil || typ != recordConfirm || len(body) != 0 {
+		return fmt.Errorf("%w: the first record is not a confirm record (replayed message 1?)", ErrHandshake)
+	}
+	return nil
+}
+
+// serverHandshake runs the responder side. Until the preamble has proved a
+// keyring key (KK) it costs only HMACs and a map lookup, so a caller without
+// a key, whatever public keys it knows, is dropped before any DH.
 func (c *Conn) serverHandshake(ctx context.Context) error {
 	cfg := c.cfg
 	own := cfg.StaticKey.PublicKey()
+	ctx, cancel := context.WithDeadline(ctx, c.handshakeStart.Add(cfg.handshakeTimeout()))
+	defer cancel()
 
+	// The magic and version first, so that a peer of another version, whose
+	// preamble may be shorter, gets a clear error rather than a timeout.
 	rawPreamble := make([]byte, preambleLen)
-	if _, err := io.ReadFull(c.conn, rawPreamble); err != nil {
+	if _, err := io.ReadFull(c.conn, rawPreamble[:5]); err != nil {
+		c.refusal = "no preamble"
 		return handshakeReadErr("preamble", err)
+	}
+	if err := checkPreambleHead(rawPreamble[:5]); err != nil {
+		c.refusal = "malformed preamble or other wire version"
+		return err
+	}
+	if _, err := io.ReadFull(c.conn, rawPreamble[5:]); err != nil {
+		c.refusal = "no preamble"
+		return handshakeReadErr("preamble", err)
+	}
+	if c.guard != nil {
+		c.guard.preambleReceived(c)
 	}
 	pre, err := parsePreamble(rawPreamble)
 	if err != nil {
+		c.refusal = "malformed preamble or other wire version"
 		return err
 	}
 	c.state.Pattern, c.state.CipherSuite = pre.pattern, pre.cipher
+	c.refusal = "parameters not accepted"
 	if !slices.Contains(cfg.patterns(), pre.pattern) {
 		return fmt.Errorf("%w: peer asked for %v, this side accepts %v", ErrVersion, pre.pattern, cfg.patterns())
 	}
@@ -275,37 +434,45 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return fmt.Errorf("%w: peer uses curve %v, our key is %v", ErrVersion, pre.curve, own.Curve())
 	}
 
+	keys := cfg.keys()
 	var remote PublicKey
-	tags := pre.tagger(own)
+	replay := keys.replay
 	if pre.pattern == KK {
-		// One HMAC per keyring entry; no DH, no trial decryption.
-		p, ok := cfg.Keyring.find(func(p Peer) bool {
-			return p.PublicKey.Curve() == own.Curve() && tags.matches(pre.tag, p.PublicKey)
-		})
-		if ok {
-			c.state.Peer, remote = p, p.PublicKey
+		p, secrets, err := keys.findKK(cfg.Keyring, pre, rawPreamble, cfg.now())
+		if err != nil {
+			c.refusal = "our static key failed"
+			return readMessageErr(err, "the preamble", "could not be checked")
 		}
-		if remote.IsZero() {
-			return fmt.Errorf("%w: KK preamble matches no keyring entry: the caller is not in our keyring, or has another public key for us (ours is %v, fingerprint %s)", ErrUnknownPeer, own, own.Fingerprint())
+		if secrets == nil {
+			c.refusal = "preamble did not verify"
+			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, own.Fingerprint())
 		}
-	} else if !tags.matches(pre.tag, PublicKey{}) {
-		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (ours is %v, fingerprint %s)", ErrUnknownPeer, own, own.Fingerprint())
+		c.state.Peer, remote, replay = p, p.PublicKey, secrets.replay
+	} else if !tagEqual(xkTag(keys.xkKey, rawPreamble[:32]), pre.tag) {
+		c.refusal = "preamble did not verify"
+		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, own.Fingerprint())
 	}
-	if c.replay != nil && !c.replay.add(pre.salt) {
+	// A KK peer's salts are kept apart from every other peer's, so that no
+	// member can flush them to replay another member's preambles.
+	if !replay.add(pre.salt) {
+		c.refusal = "replayed preamble"
 		return fmt.Errorf("%w: preamble salt seen before", ErrReplay)
 	}
-	if c.dhGate != nil {
-		release, err := c.dhGate(ctx)
-		if err != nil {
+	c.refusal = ""
+	if pre.pattern == KK {
+		c.authenticated = true
+		if err := c.takeTurn(ctx, remote); err != nil {
 			return err
 		}
-		defer release()
+	} else {
+		c.refusal = "XK caller did not complete the handshake"
 	}
 
 	hs, err := newHandshakeState(handshakeParams{
 		pattern: pre.pattern, cipher: pre.cipher,
 		static: cfg.StaticKey, remoteStatic: remote,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
+		gate: c.dhGate(ctx),
 	})
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrHandshake, err)
@@ -318,7 +485,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	}
 	payload, _, _, err := hs.ReadMessage(nil, msg1)
 	if err != nil {
-		return readMessageErr(err, "message 1 did not authenticate (altered, or the caller's key for us is wrong)")
+		return readMessageErr(err, "message 1", "did not authenticate (altered, or the caller's key for us is wrong)")
 	}
 	if len(payload) != 0 {
 		return fmt.Errorf("%w: message 1 carries a payload", ErrHandshake)
@@ -327,7 +494,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	// <- e, ee, se (KK) or <- e, ee (XK)
 	msg2, cs1, cs2, err := hs.WriteMessage(nil, nil)
 	if err != nil {
-		return fmt.Errorf("%w: writing message 2: %v", ErrHandshake, err)
+		return readMessageErr(err, "message 2", "could not be written")
 	}
 	if _, err := c.conn.Write(appendMessage(nil, msg2)); err != nil {
 		return fmt.Errorf("noisetor: sending message 2: %w", err)
@@ -341,7 +508,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		}
 		payload, cs1, cs2, err = hs.ReadMessage(nil, msg3)
 		if err != nil {
-			return readMessageErr(err, "message 3 did not authenticate")
+			return readMessageErr(err, "message 3", "did not authenticate")
 		}
 		if len(payload) != 0 {
 			return fmt.Errorf("%w: message 3 carries a payload", ErrHandshake)
@@ -353,29 +520,64 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		remote = PublicKey{curve: own.Curve(), raw: string(hs.PeerStatic())}
 		p, ok := cfg.Keyring.ByKey(remote)
 		if !ok {
+			c.refusal = "XK caller's key not in the keyring"
 			return fmt.Errorf("%w: caller's key %v (fingerprint %s) is not in our keyring", ErrUnknownPeer, remote, remote.Fingerprint())
 		}
 		c.state.Peer = p
+		c.authenticated, c.refusal = true, ""
+		if err := c.takeTurn(ctx, remote); err != nil {
+			return err
+		}
 	}
 	if cs1 == nil {
 		return fmt.Errorf("%w: handshake did not complete", ErrHandshake)
 	}
 	c.state.HandshakeHash = hs.ChannelBinding()
-	c.out.half = newHalfState(cs2)
-	recv := newHalfState(cs1)
+	send, recv := newHalfState(cs2), newHalfState(cs1)
 
 	// The first transport record must be the initiator's confirm: until it
 	// arrives the caller may be replaying a captured message 1.
-	frame, err := readMessage(c.conn)
-	if err != nil {
-		return handshakeReadErr("confirm record", err)
+	if err := readConfirm(c.conn, recv); err != nil {
+		return err
 	}
-	typ, body, err := recv.open(frame[:0], frame)
-	if err != nil || typ != recordConfirm || len(body) != 0 {
-		return fmt.Errorf("%w: caller did not confirm the handshake (replayed message 1?)", ErrHandshake)
+	if pre.pattern == XK {
+		// Our confirm: the caller's key is in our keyring (WIRE.md §6.2).
+		if _, err := c.conn.Write(send.seal(nil, recordConfirm, nil)); err != nil {
+			return fmt.Errorf("noisetor: sending confirm record: %w", err)
+		}
 	}
-	c.in.half = recv
+	c.out.half, c.in.half = send, recv
 	return nil
+}
+
+// takeTurn waits for one of the authenticated peer's handshake turns on a
+// Listener.
+func (c *Conn) takeTurn(ctx context.Context, peer PublicKey) error {
+	if c.guard == nil {
+		return nil
+	}
+	if err := c.guard.authenticated(ctx, c, peer); err != nil {
+		return fmt.Errorf("noisetor: peer %q: waiting for a handshake turn: %w", c.state.Peer.Name, err)
+	}
+	return nil
+}
+
+// dhGate returns the Listener's DH slots bound to ctx, or nil.
+func (c *Conn) dhGate(ctx context.Context) func() (func(), error) {
+	if c.guard == nil {
+		return nil
+	}
+	return func() (func(), error) { return c.guard.acquireDH(ctx) }
+}
+
+// drop closes a connection whose handshake is still running, recording why
+// for its log line.
+func (c *Conn) drop(reason string) {
+	c.dropReason.CompareAndSwap(nil, &reason)
+	if c.cancelHandshake != nil {
+		c.cancelHandshake()
+	}
+	c.conn.Close()
 }
 
 // ephemeralSource yields the explicit ephemeral key of HandshakeInitiate or

@@ -72,6 +72,7 @@ type Keyring struct {
 	byName map[string]Peer
 	byKey  map[PublicKey]string // public key -> name
 	byAddr map[string]string    // normalised address -> name
+	gen    uint64               // counts changes, for the preamble index
 }
 
 // NewKeyring returns a keyring holding peers. It fails like Add on the first
@@ -137,6 +138,7 @@ func (k *Keyring) insert(p Peer) {
 		k.byKey = make(map[PublicKey]string)
 		k.byAddr = make(map[string]string)
 	}
+	k.gen++
 	k.byName[p.Name] = p
 	k.byKey[p.PublicKey] = p.Name
 	if p.Address != "" {
@@ -158,6 +160,16 @@ func (k *Keyring) find(match func(Peer) bool) (Peer, bool) {
 		}
 	}
 	return Peer{}, false
+}
+
+// generation changes whenever a peer is added or removed.
+func (k *Keyring) generation() uint64 {
+	if k == nil {
+		return 0
+	}
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	return k.gen
 }
 
 // ByName returns the peer called name.

@@ -1,11 +1,9 @@
 package noisetor
 
 import (
-	"container/list"
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"runtime"
 	"sync"
@@ -29,13 +27,21 @@ func Listen(network, addr string, cfg *Config) (net.Listener, error) {
 // handshake has completed with a keyring peer, as *Conn.
 //
 // Handshakes run in their own goroutines, so a slow or hostile caller never
-// holds up Accept. Each is bounded by Config.HandshakeTimeout; at most
-// Config.MaxPendingHandshakes wait at once (past that the oldest is dropped),
-// and at most Config.MaxConcurrentDH are past the preamble check, doing DH.
-// A failed handshake is logged and never returned from Accept, so servers
-// such as http.Serve keep serving. Errors of the underlying listener other
-// than its closing (out of file descriptors, say) are logged and retried with
-// backoff; Accept returns an error only once the listener is closed.
+// holds up Accept. Nobody who cannot prove a keyring key can keep a member
+// out (WIRE.md §7):
+//   - a caller that has not sent a valid preamble gets PreambleTimeout to do
+//     so, and a place among MaxPendingHandshakes; when they are full, the
+//     oldest connection of the remote address holding the most is dropped;
+//   - a keyring peer runs at most MaxHandshakesPerPeer handshakes at once;
+//   - a DH slot (MaxConcurrentDH) is held only while a DH is computed;
+//   - at most AcceptBacklog completed connections wait for Accept.
+//
+// Each handshake is bounded by Config.HandshakeTimeout. A failed handshake is
+// never returned from Accept, so servers such as http.Serve keep serving; it
+// is logged, those of callers that proved no key as counts once a minute.
+// Errors of the underlying listener other than its closing (out of file
+// descriptors, say) are logged and retried with backoff; Accept returns an
+// error only once the listener is closed.
 func NewListener(inner net.Listener, cfg *Config) net.Listener {
 	ctx, cancel := context.WithCancel(context.Background())
 	maxDH := cfg.MaxConcurrentDH
@@ -47,11 +53,24 @@ func NewListener(inner net.Listener, cfg *Config) net.Listener {
 		cfg:     cfg,
 		ctx:     ctx,
 		cancel:  cancel,
-		ready:   make(chan *Conn),
+		ready:   make(chan *Conn, cfg.acceptBacklog()),
 		done:    make(chan struct{}),
 		dhSlots: make(chan struct{}, maxDH),
-		pending: list.New(),
-		replay:  newReplayCache(replayCacheSize),
+		admission: admission{
+			max:      cfg.maxPendingHandshakes(),
+			bySource: make(map[string][]*Conn),
+			turns:    make(map[PublicKey]*peerTurns),
+		},
+		refusals: newRefusalLog(cfg.logger(), refusalLogInterval),
+	}
+	if cfg.StaticKey != nil {
+		// Derive every peer's pair key now (one DH each, maybe on a token)
+		// rather than in the first caller's handshake.
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			cfg.keys().findKK(cfg.Keyring, &preamble{}, make([]byte, preambleLen), cfg.now())
+		}()
 	}
 	l.wg.Add(1)
 	go l.acceptLoop()
@@ -59,20 +78,20 @@ func NewListener(inner net.Listener, cfg *Config) net.Listener {
 }
 
 type listener struct {
-	inner   net.Listener
-	cfg     *Config
-	ctx     context.Context
-	cancel  context.CancelFunc
-	ready   chan *Conn
-	done    chan struct{}
-	dhSlots chan struct{}
-	replay  *replayCache
-	wg      sync.WaitGroup
+	inner    net.Listener
+	cfg      *Config
+	ctx      context.Context
+	cancel   context.CancelFunc
+	ready    chan *Conn // the accept backlog
+	done     chan struct{}
+	dhSlots  chan struct{}
+	refusals *refusalLog
+	wg       sync.WaitGroup
 
-	mu      sync.Mutex
-	pending *list.List // of *Conn, oldest first
-	err     error      // from the inner listener
-	closed  bool
+	mu        sync.Mutex
+	admission admission
+	err       error // from the inner listener
+	closed    bool
 }
 
 func (l *listener) acceptLoop() {
@@ -103,60 +122,58 @@ func (l *listener) acceptLoop() {
 		}
 		backoff = 0
 		c := Server(raw, l.cfg)
-		c.replay = l.replay
-		c.dhGate = l.acquireDH
+		c.guard = l
+		ctx, cancel := context.WithCancel(l.ctx)
+		c.cancelHandshake = cancel
 		l.mu.Lock()
 		if l.closed {
 			l.mu.Unlock()
+			cancel()
 			raw.Close()
 			return
 		}
-		max := l.cfg.MaxPendingHandshakes
-		if max <= 0 {
-			max = defaultMaxPendingHandshakes
-		}
-		if l.pending.Len() >= max {
-			// Drop the oldest: a flood of stalled callers cannot keep a
-			// real peer out, it only shortens everyone's patience.
-			oldest := l.pending.Remove(l.pending.Front()).(*Conn)
-			oldest.drop("too many pending handshakes; this was the oldest")
-		}
-		elem := l.pending.PushBack(c)
+		l.admission.enter(c, l.cfg.preambleTimeout())
 		l.mu.Unlock()
 		l.wg.Add(1)
-		go l.handshake(c, elem)
+		go l.handshake(ctx, c)
 	}
 }
 
-func (l *listener) handshake(c *Conn, elem *list.Element) {
+func (l *listener) handshake(ctx context.Context, c *Conn) {
 	defer l.wg.Done()
-	err := c.HandshakeContext(l.ctx)
+	defer c.cancelHandshake()
+	err := c.HandshakeContext(ctx)
+	if err == nil {
+		err = l.queue(ctx, c)
+	}
 	l.mu.Lock()
-	l.pending.Remove(elem) // no-op if it was evicted
+	l.admission.leave(c)
 	l.mu.Unlock()
 	if err != nil {
-		return // logged by HandshakeContext; the connection is closed
-	}
-	select {
-	case l.ready <- c:
-	case <-l.ctx.Done():
 		c.Close()
 	}
 }
 
-// drop closes a connection whose handshake is still running, recording why
-// for its log line.
-func (c *Conn) drop(reason string) {
-	c.dropReason.Store(&reason)
-	c.conn.Close()
-}
-
-func (l *listener) acquireDH(ctx context.Context) (func(), error) {
+// queue puts a completed connection in the accept backlog, waiting for room
+// until the end of its handshake time. Until then it keeps its peer's turn,
+// so a peer whose connections are not accepted slows down only itself.
+func (l *listener) queue(ctx context.Context, c *Conn) error {
 	select {
-	case l.dhSlots <- struct{}{}:
-		return func() { <-l.dhSlots }, nil
+	case l.ready <- c:
+		return nil
+	default:
+	}
+	t := time.NewTimer(time.Until(c.handshakeStart.Add(l.cfg.handshakeTimeout())))
+	defer t.Stop()
+	select {
+	case l.ready <- c:
+		return nil
+	case <-t.C:
+		l.cfg.logger().Warn("noisetor: accept backlog full; closing a completed connection",
+			"peer", c.state.Peer.Name, "backlog", cap(l.ready))
+		return errors.New("accept backlog full")
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
 }
 
@@ -183,8 +200,8 @@ func (l *listener) Accept() (net.Conn, error) {
 }
 
 // Close closes the underlying listener and every connection still in its
-// handshake, and waits for the listener's goroutines to exit. Connections
-// already returned by Accept stay open.
+// handshake or in the accept backlog, and waits for the listener's goroutines
+// to exit. Connections already returned by Accept stay open.
 func (l *listener) Close() error {
 	l.mu.Lock()
 	if l.closed {
@@ -192,95 +209,22 @@ func (l *listener) Close() error {
 		return net.ErrClosed
 	}
 	l.closed = true
-	for e := l.pending.Front(); e != nil; e = e.Next() {
-		e.Value.(*Conn).drop("listener closed")
-	}
+	l.admission.dropAll("listener closed")
 	l.mu.Unlock()
 	l.cancel()
 	err := l.inner.Close()
 	l.wg.Wait()
+	for {
+		select {
+		case c := <-l.ready:
+			c.Close()
+			continue
+		default:
+		}
+		break
+	}
+	l.refusals.flush()
 	return err
 }
 
 func (l *listener) Addr() net.Addr { return l.inner.Addr() }
-
-// replayCacheSize bounds the preamble salts a listener remembers. An exact
-// replay within that window is dropped before any DH; an older one costs one
-// handshake's DH and still yields no session (WIRE.md §6.2).
-const replayCacheSize = 1 << 16
-
-// replayCache remembers recent preamble salts, evicting the oldest.
-type replayCache struct {
-	mu    sync.Mutex
-	seen  map[[preambleSalt]byte]struct{}
-	order [][preambleSalt]byte // ring
-	next  int
-}
-
-func newReplayCache(size int) *replayCache {
-	return &replayCache{seen: make(map[[preambleSalt]byte]struct{}), order: make([][preambleSalt]byte, 0, size)}
-}
-
-// add reports whether salt is new, and remembers it.
-func (r *replayCache) add(salt [preambleSalt]byte) bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.seen[salt]; ok {
-		return false
-	}
-	if len(r.order) < cap(r.order) {
-		r.order = append(r.order, salt)
-	} else {
-		delete(r.seen, r.order[r.next])
-		r.order[r.next] = salt
-		r.next = (r.next + 1) % len(r.order)
-	}
-	r.seen[salt] = struct{}{}
-	return true
-}
-
-// An attempt is one connection attempt, for the log.
-type attempt struct {
-	outbound bool
-	addr     string
-	peer     string // keyring name, when known
-	pattern  Pattern
-	cipher   CipherSuite
-	duration time.Duration
-	err      error
-}
-
-// logAttempt writes the one log record of a connection attempt. It records
-// only public facts: never a key other than a public one, never a secret.
-func (c *Config) logAttempt(a attempt) {
-	dir := "in"
-	if a.outbound {
-		dir = "out"
-	}
-	attrs := []slog.Attr{
-		slog.String("direction", dir),
-		slog.String("addr", a.addr),
-		slog.String("pattern", a.pattern.String()),
-		slog.String("cipher", a.cipher.String()),
-		slog.Duration("duration", a.duration),
-	}
-	if a.peer != "" {
-		attrs = append(attrs, slog.String("peer", a.peer))
-	}
-	if a.err == nil {
-		c.logger().LogAttrs(context.Background(), slog.LevelInfo, "noisetor: handshake", append(attrs, slog.String("outcome", "ok"))...)
-		return
-	}
-	attrs = append(attrs, slog.String("outcome", "failed"), slog.String("reason", a.err.Error()))
-	c.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: handshake", attrs...)
-}
-
-// logAttempt logs the handshake of c.
-func (c *Conn) logAttempt(d time.Duration, err error) {
-	addr := c.addr
-	if addr == "" && c.conn.RemoteAddr() != nil {
-		addr = c.conn.RemoteAddr().String()
-	}
-	c.cfg.logAttempt(attempt{outbound: c.isClient, addr: addr, peer: c.state.Peer.Name,
-		pattern: c.state.Pattern, cipher: c.state.CipherSuite, duration: d, err: err})
-}

@@ -3,8 +3,11 @@ package noisetor
 import (
 	"bytes"
 	"context"
+	"crypto/ecdh"
+	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -13,50 +16,97 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
-// TestPreambleTagSpec recomputes preamble tags from the text of WIRE.md §3
-// with crypto/hmac alone, and checks the vector printed there.
-func TestPreambleTagSpec(t *testing.T) {
-	resp, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{0x01}, 32))
-	init, _ := NewPrivateKey(X25519, bytes.Repeat([]byte{0x02}, 32))
-	for _, tc := range []struct {
-		pattern Pattern
-		want    string // WIRE.md §3, "Vectors"
-	}{
-		{KK, preambleVectorKK},
-		{XK, preambleVectorXK},
-	} {
-		pre := preamble{pattern: tc.pattern, curve: X25519, cipher: ChaChaPoly}
-		for i := range pre.salt {
-			pre.salt[i] = byte(i)
-		}
-		pre.tag = pre.computeTag(resp.PublicKey(), init.PublicKey())
-		raw := pre.marshal()
+// The preamble vectors of WIRE.md §3: responder static scalar 32 × 0x01,
+// initiator 32 × 0x02, x25519, ChaChaPoly, salt 00 01 … 0f, sent at Unix time
+// 1800000000 (window 3000000).
+const (
+	vectorTime = 1800000000
 
-		// The spec, word for word.
-		k := sha256.Sum256(append([]byte("noisetor preamble v1\x00"), resp.PublicKey().Bytes()...))
-		m := hmac.New(sha256.New, k[:])
-		m.Write(raw[:24])
-		if tc.pattern == KK {
-			m.Write(init.PublicKey().Bytes())
+	preambleVectorSS      = "2ed76ab549b1e73c031eb49c9448f0798aea81b698279a0c3dc3e49fbfc4b953"
+	preambleVectorPairKey = "8fcd2cd59cff0fe477284bef0f7cf47c4be06fdafdfc2b7148994851cdd77f26"
+	preambleVectorHint    = "0eb8524f933a85fa"
+	preambleVectorKK      = "4e544f5202010101000102030405060708090a0b0c0d0e0f0eb8524f933a85fa7a342a9ad30a40fd831006d473135a57"
+	preambleVectorXK      = "4e544f5202020101000102030405060708090a0b0c0d0e0f000000000000000093a98f8c9bc502289407a071eb450b2f"
+)
+
+// TestPreambleSpec recomputes the v2 preambles from the text of WIRE.md §3
+// with the standard library alone, and checks them against both the vectors
+// printed there and the implementation.
+func TestPreambleSpec(t *testing.T) {
+	respScalar, initScalar := bytes.Repeat([]byte{0x01}, 32), bytes.Repeat([]byte{0x02}, 32)
+	respECDH, _ := ecdh.X25519().NewPrivateKey(respScalar)
+	initECDH, _ := ecdh.X25519().NewPrivateKey(initScalar)
+	rs, s := respECDH.PublicKey().Bytes(), initECDH.PublicKey().Bytes()
+	salt := make([]byte, 16)
+	for i := range salt {
+		salt[i] = byte(i)
+	}
+
+	// The spec, word for word.
+	ss, _ := initECDH.ECDH(respECDH.PublicKey())
+	k, _ := hkdf.Key(sha256.New, ss, []byte("noisetor pair v2"), "noisetor preamble key v2\x00"+string(s)+string(rs), 32)
+	window := uint64(vectorTime / 600)
+	mac := func(key []byte, parts ...[]byte) []byte {
+		m := hmac.New(sha256.New, key)
+		for _, p := range parts {
+			m.Write(p)
 		}
-		if want := m.Sum(nil)[:16]; !bytes.Equal(raw[24:], want) {
-			t.Errorf("%v: tag %x, spec says %x", tc.pattern, raw[24:], want)
+		return m.Sum(nil)
+	}
+	hint := mac(k, []byte("hint"), binary.BigEndian.AppendUint64(nil, window))[:8]
+	head := append([]byte{'N', 'T', 'O', 'R', 2, 1, 1, 1}, salt...)
+	head = append(head, hint...)
+	kk := append(head, mac(k, []byte("tag"), head)[:16]...)
+	xkKey := sha256.Sum256(append([]byte("noisetor preamble v2 xk\x00"), rs...))
+	xkHead := append(append([]byte{'N', 'T', 'O', 'R', 2, 2, 1, 1}, salt...), make([]byte, 8)...)
+	xk := append(xkHead, mac(xkKey[:], xkHead)[:16]...)
+
+	for _, c := range []struct{ name, got, want string }{
+		{"ss", hex.EncodeToString(ss), preambleVectorSS},
+		{"pair key", hex.EncodeToString(k), preambleVectorPairKey},
+		{"hint", hex.EncodeToString(hint), preambleVectorHint},
+		{"KK preamble", hex.EncodeToString(kk), preambleVectorKK},
+		{"XK preamble", hex.EncodeToString(xk), preambleVectorXK},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s from the spec text: %s, WIRE.md §3 says %s", c.name, c.got, c.want)
 		}
-		if got := hex.EncodeToString(raw); got != tc.want {
-			t.Errorf("%v: preamble\n got %s\nwant %s (WIRE.md §3)", tc.pattern, got, tc.want)
-		}
-		if !pre.tagMatches(resp.PublicKey(), init.PublicKey()) {
-			t.Errorf("%v: tagMatches rejects its own tag", tc.pattern)
+	}
+
+	// The implementation.
+	resp, _ := NewPrivateKey(X25519, respScalar)
+	init, _ := NewPrivateKey(X25519, initScalar)
+	pk, err := (&Config{StaticKey: init}).keys().toPeer(resp.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pre := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly, salt: [16]byte(salt)}
+	if got := pre.sealKK(pk, time.Unix(vectorTime, 0)); !bytes.Equal(got, kk) {
+		t.Errorf("sealKK:\n got %x\nwant %x", got, kk)
+	}
+	pre = preamble{pattern: XK, curve: X25519, cipher: ChaChaPoly, salt: [16]byte(salt)}
+	if got := pre.sealXK(resp.PublicKey()); !bytes.Equal(got, xk) {
+		t.Errorf("sealXK:\n got %x\nwant %x", got, xk)
+	}
+
+	// The responder finds the initiator from the hint, one window either side.
+	ring, _ := NewKeyring(Peer{Name: "initiator", PublicKey: init.PublicKey()})
+	respCfg := &Config{StaticKey: resp, Keyring: ring}
+	parsed, err := parsePreamble(kk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, skew := range []time.Duration{0, -preambleWindow, preambleWindow, 2 * preambleWindow, -2 * preambleWindow} {
+		p, secrets, err := respCfg.keys().findKK(ring, parsed, kk, time.Unix(vectorTime, 0).Add(skew))
+		want := skew.Abs() <= preambleWindow
+		if err != nil || (secrets != nil) != want || (want && p.Name != "initiator") {
+			t.Errorf("responder clock %v off: found %q %v (%v), want found=%v", skew, p.Name, secrets != nil, err, want)
 		}
 	}
 }
-
-const (
-	preambleVectorKK = "4e544f5201010101000102030405060708090a0b0c0d0e0f2ec5caff2f0e8c6e3d31bdd331313130"
-	preambleVectorXK = "4e544f5201020101000102030405060708090a0b0c0d0e0f353c0c925cdf5239e336b3e74024ed17"
-)
 
 // TestTranscriptVectors checks whole connections byte for byte against
 // testdata/vectors/transcript-*.txt: fixed static keys, ephemeral keys and
@@ -81,8 +131,9 @@ func TestTranscriptVectors(t *testing.T) {
 			}
 			initRing, _ := NewKeyring(Peer{Name: "responder", PublicKey: respStatic.PublicKey()})
 			respRing, _ := NewKeyring(Peer{Name: "initiator", PublicKey: initStatic.PublicKey()})
-			initCfg := &Config{StaticKey: initStatic, Keyring: initRing, Patterns: []Pattern{pattern}, Random: bytes.NewReader(salt), Logger: discardLogger()}
-			respCfg := &Config{StaticKey: respStatic, Keyring: respRing, Patterns: []Pattern{pattern}, Logger: discardLogger()}
+			at := func() time.Time { return time.Unix(vectorTime, 0) }
+			initCfg := &Config{StaticKey: initStatic, Keyring: initRing, Patterns: []Pattern{pattern}, Random: bytes.NewReader(salt), Time: at, Logger: discardLogger()}
+			respCfg := &Config{StaticKey: respStatic, Keyring: respRing, Patterns: []Pattern{pattern}, Time: at, Logger: discardLogger()}
 			x, y := tcpPair(t)
 			var c2s, s2c bytes.Buffer
 			done := make(chan []byte, 1)
@@ -109,7 +160,7 @@ func TestTranscriptVectors(t *testing.T) {
 			if got := <-done; string(got) != "ping" || string(reply) != "pong" {
 				t.Fatalf("exchange: %q / %q", got, reply)
 			}
-			text := fmt.Sprintf("# noisetor wire v1 transcript, %s: see WIRE.md §9\n", c.ConnectionState().Pattern) +
+			text := fmt.Sprintf("# noisetor wire v2 transcript, %s: see WIRE.md §9\n", c.ConnectionState().Pattern) +
 				fmt.Sprintf("protocol Noise_%s_25519_ChaChaPoly_SHA256\n", pattern) +
 				fmt.Sprintf("initiator_static %x\nresponder_static %x\ninitiator_ephemeral %x\nresponder_ephemeral %x\nsalt %x\n",
 					initStatic.priv.Bytes(), respStatic.priv.Bytes(), initEph.priv.Bytes(), respEph.priv.Bytes(), salt) +

@@ -605,9 +605,9 @@ func TestTorNoise(t *testing.T) {
 
 	for _, pat := range []Pattern{KK, XK} {
 		t.Run(pat.String(), func(t *testing.T) {
-			cfg := *p.wallet
+			cfg := p.wallet.Clone()
 			cfg.Patterns = []Pattern{pat}
-			d := &Dialer{Config: &cfg, NetDialer: &TorDialer{Tor: cli, ClientAuth: p.clientKey}}
+			d := &Dialer{Config: cfg, NetDialer: &TorDialer{Tor: cli, ClientAuth: p.clientKey}}
 			for i, what := range []string{"first connection", "next connection"} {
 				c, ttfb, err := torFirstByte(ctx, d, p.addr)
 				if err != nil {
