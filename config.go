@@ -125,7 +125,8 @@ type Config struct {
 
 	// Logger receives one record per connection attempt, in and out, except
 	// that a Listener counts the attempts of callers that proved no keyring
-	// key and logs the counts once a minute. Default: slog.Default().
+	// key and logs the counts once a minute (and at once for a reason new in
+	// that minute). Default: slog.Default().
 	Logger *slog.Logger
 
 	// pairKeys is derived from StaticKey and Keyring on first use.

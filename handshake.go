@@ -300,13 +300,13 @@ func (c *Conn) clientHandshake() error {
 		return readMessageErr(err, "message 1", "could not be written")
 	}
 	if _, err := c.conn.Write(appendMessage(rawPreamble, msg1)); err != nil {
-		return c.refusedErr("message 2", fmt.Errorf("noisetor: sending preamble and message 1: %w", err))
+		return c.refusedErr("message 2", err, fmt.Errorf("noisetor: sending preamble and message 1: %w", err))
 	}
 
 	// <- e, ee, se (KK) or <- e, ee (XK)
 	msg2, err := readMessage(c.conn)
 	if err != nil {
-		return c.refusedErr("message 2", handshakeReadErr("message 2", err))
+		return c.refusedErr("message 2", err, handshakeReadErr("message 2", err))
 	}
 	payload, cs1, cs2, err := hs.ReadMessage(nil, msg2)
 	if err != nil {
@@ -336,25 +336,25 @@ func (c *Conn) clientHandshake() error {
 	send, recv := newHalfState(cs1), newHalfState(cs2)
 	out = send.seal(out, recordConfirm, nil)
 	if _, err := c.conn.Write(out); err != nil {
-		return c.refusedErr("its confirm record", fmt.Errorf("noisetor: sending confirm record: %w", err))
+		return c.refusedErr("its confirm record", err, fmt.Errorf("noisetor: sending confirm record: %w", err))
 	}
 	if c.state.Pattern == XK {
 		// The XK responder learns who we are only from message 3; its own
 		// confirm says it has found our key in its keyring, so that Dial
 		// fails here rather than at the first Read (WIRE.md §6.2).
 		if err := readConfirm(c.conn, recv); err != nil {
-			return c.refusedErr("its confirm record", err)
+			return c.refusedErr("its confirm record", err, err)
 		}
 	}
 	c.out.half, c.in.half = send, recv
 	return nil
 }
 
-// refusedErr turns the end of the connection where the responder's next
-// message (next) was due into ErrRefused, with what the operator can check:
-// both keys' fingerprints. Other errors pass unchanged.
-func (c *Conn) refusedErr(next string, err error) error {
-	if !isClosedByPeer(err) {
+// refusedErr turns the end of the connection (raw) where the responder's
+// next message was due into ErrRefused, with what the operator can check:
+// both keys' fingerprints. Other errors are returned as err.
+func (c *Conn) refusedErr(next string, raw, err error) error {
+	if !isClosedByPeer(raw) {
 		return err
 	}
 	own := c.cfg.StaticKey.PublicKey()
@@ -381,7 +381,7 @@ func isClosedByPeer(err error) bool {
 func readConfirm(r io.Reader, recv *halfState) error {
 	frame, err := readMessage(r)
 	if err != nil {
-		return handshakeReadErr("confirm record", err)
+		return handshakeReadErr("confirm record", err) // wraps io.ErrUnexpectedEOF: isClosedByPeer sees it
 	}
 	typ, body, err := recv.open(frame[:0], frame)
 	if err != nil || typ != recordConfirm || len(body) != 0 {
@@ -592,7 +592,7 @@ func (c *Conn) ephemeralSource() io.Reader {
 func handshakeReadErr(what string, err error) error {
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-		return fmt.Errorf("%w: peer closed the connection before %s (%v)", ErrHandshake, what, io.ErrUnexpectedEOF)
+		return fmt.Errorf("%w: peer closed the connection before %s (%w)", ErrHandshake, what, io.ErrUnexpectedEOF)
 	case isTimeout(err):
 		return fmt.Errorf("noisetor: handshake timed out waiting for %s: %w", what, err)
 	}

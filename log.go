@@ -79,32 +79,37 @@ const refusalLogMessage = "noisetor: refused callers that proved no keyring key"
 // unauthenticated callers.
 const refusalLogInterval = time.Minute
 
-// refusalLog counts refusals by reason and logs the counts at most once per
-// interval, as one Warn record. The first refusal after a quiet interval is
-// logged at once, so an operator sees an attack start.
+// refusalLog counts refusals by reason and logs the counts as one Warn
+// record per interval. A reason not seen yet in the interval is logged at
+// once, so an operator sees an attack (or a misconfigured peer) start; the
+// records per interval are bounded by the few fixed reasons.
 type refusalLog struct {
 	logger   *slog.Logger
 	interval time.Duration
 
 	mu     sync.Mutex
 	counts map[string]int
-	timer  *time.Timer // armed while counts are held back
+	seen   map[string]bool // reasons logged in this interval
+	timer  *time.Timer     // armed while the interval runs
 	since  time.Time
 }
 
 func newRefusalLog(logger *slog.Logger, interval time.Duration) *refusalLog {
-	return &refusalLog{logger: logger, interval: interval, counts: make(map[string]int)}
+	return &refusalLog{logger: logger, interval: interval, counts: make(map[string]int), seen: make(map[string]bool)}
 }
 
 func (r *refusalLog) add(reason string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.counts[reason]++
-	if r.timer != nil {
+	if r.seen[reason] {
 		return
 	}
+	r.seen[reason] = true
 	r.writeLocked()
-	r.timer = time.AfterFunc(r.interval, r.tick)
+	if r.timer == nil {
+		r.timer = time.AfterFunc(r.interval, r.tick)
+	}
 }
 
 // tick writes what accumulated in the interval, and keeps the timer armed
@@ -115,6 +120,7 @@ func (r *refusalLog) tick() {
 	if r.timer == nil {
 		return // flushed meanwhile
 	}
+	clear(r.seen)
 	if len(r.counts) == 0 {
 		r.timer = nil
 		return
@@ -131,6 +137,7 @@ func (r *refusalLog) flush() {
 		r.timer.Stop()
 		r.timer = nil
 	}
+	clear(r.seen)
 	if len(r.counts) > 0 {
 		r.writeLocked()
 	}

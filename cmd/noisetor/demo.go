@@ -749,6 +749,11 @@ func (d *demo) outsiderScenario(ctx context.Context) error {
 				found = true
 				break
 			}
+			if rec.Msg == refusedCallersMsg && rec.Reasons["preamble did not verify"] > 0 {
+				d.printf("    the co-signer counted it among callers that proved no keyring key: its preamble did not verify\n")
+				found = true
+				break
+			}
 		}
 	}
 	if !found {

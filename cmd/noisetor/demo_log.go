@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -26,7 +28,9 @@ type logRecord struct {
 	Pattern   string    `json:"pattern"`
 	Outcome   string    `json:"outcome"`
 	Reason    string    `json:"reason"`
-	Duration  int64     `json:"duration"` // nanoseconds
+	// A listener's counts of callers that proved no key, by reason.
+	Reasons  map[string]int `json:"reasons"`
+	Duration int64          `json:"duration"` // nanoseconds
 	// Relay decisions.
 	Op     string `json:"op"`
 	From   string `json:"from"`
@@ -55,11 +59,15 @@ func readRoleLog(path string) ([]logRecord, error) {
 // decision, as opposed to tor's and the demo's other messages.
 func isAttempt(rec logRecord) bool {
 	switch rec.Msg {
-	case "noisetor: handshake", "noisetor: relay":
+	case "noisetor: handshake", "noisetor: relay", refusedCallersMsg:
 		return true
 	}
 	return false
 }
+
+// refusedCallersMsg is the message of a listener's counts of callers that
+// proved no keyring key (logged in aggregate, not one record each).
+const refusedCallersMsg = "noisetor: refused callers that proved no keyring key"
 
 // printConnectionLog prints every connection attempt from every role's log,
 // in time order.
@@ -94,6 +102,13 @@ func (d *demo) printConnectionLog() error {
 			if rec.Direction == "out" {
 				detail = "to " + shortAddr(rec.Addr)
 			}
+		case refusedCallersMsg:
+			what, rec.Outcome = "handshakes in", "refused"
+			var reasons []string
+			for _, r := range slices.Sorted(maps.Keys(rec.Reasons)) {
+				reasons = append(reasons, fmt.Sprintf("%d× %s", rec.Reasons[r], r))
+			}
+			detail = strings.Join(reasons, ", ")
 		case "noisetor: relay":
 			what = "relay " + rec.Op
 			switch {

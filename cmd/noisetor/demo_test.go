@@ -71,7 +71,7 @@ func TestDemo(t *testing.T) {
 		"Same session at both ends",
 		"refused by Tor",
 		"SOCKS reply 0xf4",
-		"the co-signer logged: peer not in keyring",
+		"the co-signer counted it among callers that proved no keyring key: its preamble did not verify",
 		"All steps worked",
 	} {
 		if !strings.Contains(o, want) {
@@ -85,7 +85,7 @@ func TestDemo(t *testing.T) {
 		`watchtower\s+handshake in KK\s+wallet\s+OK`,
 		`syncserver\s+relay connect\s+wallet -> watchtower\s+OK`,
 		`outsider\s+handshake out KK\s+syncserver\s+FAILED.*client authorization`,
-		`cosigner\s+handshake in KK\s+\(unknown\)\s+FAILED\s+peer not in keyring`,
+		`cosigner\s+handshakes in\s+\(unknown\)\s+REFUSED\s+1× preamble did not verify`,
 	} {
 		if !regexp.MustCompile(re).MatchString(o) {
 			t.Errorf("connection log lacks /%s/", re)

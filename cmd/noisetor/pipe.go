@@ -35,7 +35,7 @@ func (o *linkOptions) register(fs *flag.FlagSet, defPatterns string) {
 	fs.StringVar(&o.keyring, "r", "", "keyring `file` listing the peers this machine may talk to")
 	fs.StringVar(&o.patterns, "pattern", defPatterns, "handshake `patterns`: kk, xk, or a list such as kk,xk")
 	fs.StringVar(&o.ciphers, "cipher", "chachapoly", "`ciphers`: chachapoly, aesgcm, or a list")
-	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "give up on the handshake after `duration`")
+	fs.DurationVar(&o.timeout, "timeout", 60*time.Second, "give up on the handshake after `duration` (WIRE.md §7)")
 	fs.BoolVar(&o.quiet, "q", false, "do not log connection attempts on standard error")
 }
 
@@ -128,7 +128,7 @@ can reach it. Every connection attempt, refused ones included, is logged on
 standard error.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(serveOptions)
-		o.link.register(fs, "kk,xk")
+		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
 		o.onion.register(fs)
