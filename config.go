@@ -66,7 +66,10 @@ type Config struct {
 	Keyring *Keyring
 
 	// Patterns lists the handshake patterns. A client uses the first; a server
-	// accepts any of them. Default: [KK].
+	// accepts any of them. Default: [KK]. A server that accepts XK lets
+	// anyone who knows its public key make it compute XK's first DH before
+	// message 3 shows who is calling; with KK only, a caller without a
+	// keyring key costs it no DH at all (WIRE.md §3.3).
 	Patterns []Pattern
 
 	// CipherSuites lists the AEAD ciphers. A client uses the first; a server

@@ -445,12 +445,12 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		}
 		if secrets == nil {
 			c.refusal = "preamble did not verify"
-			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, own.Fingerprint())
+			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, keys.ownFingerprint)
 		}
 		c.state.Peer, remote, replay = p, p.PublicKey, secrets.replay
 	} else if !tagEqual(xkTag(keys.xkKey, rawPreamble[:32]), pre.tag) {
 		c.refusal = "preamble did not verify"
-		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, own.Fingerprint())
+		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, keys.ownFingerprint)
 	}
 	// A KK peer's salts are kept apart from every other peer's, so that no
 	// member can flush them to replay another member's preambles.

@@ -15,10 +15,11 @@ import (
 // key is caught too, and a hardware token performs one DH per peer, not one
 // per handshake.
 type pairKeys struct {
-	static StaticKey
-	own    PublicKey
-	xkKey  []byte
-	replay *replayCache
+	static         StaticKey
+	own            PublicKey
+	ownFingerprint string // for refusals: computing it per refusal would double their cost
+	xkKey          []byte
+	replay         *replayCache
 
 	mu    sync.Mutex
 	pairs map[PublicKey]*pairSecrets // by the peer's static key
@@ -43,11 +44,12 @@ type hintIndex struct {
 func newPairKeys(static StaticKey) *pairKeys {
 	own := static.PublicKey()
 	return &pairKeys{
-		static: static,
-		own:    own,
-		xkKey:  xkTagKey(own),
-		replay: newReplayCache(replayCacheSize),
-		pairs:  make(map[PublicKey]*pairSecrets),
+		static:         static,
+		own:            own,
+		ownFingerprint: own.Fingerprint(),
+		xkKey:          xkTagKey(own),
+		replay:         newReplayCache(replayCacheSize),
+		pairs:          make(map[PublicKey]*pairSecrets),
 	}
 }
 
