@@ -132,9 +132,10 @@ type Config struct {
 	// that minute). Default: slog.Default().
 	Logger *slog.Logger
 
-	// pairKeys is derived from StaticKey and Keyring on first use.
-	pairKeysOnce sync.Once
-	pairKeys     *pairKeys
+	// Derived from StaticKey and Keyring on first use.
+	derivedOnce sync.Once
+	pairKeys    *pairKeys
+	live        *liveConns
 }
 
 const (
@@ -243,10 +244,23 @@ func (c *Config) Clone() *Config {
 	}
 }
 
+func (c *Config) derive() {
+	c.derivedOnce.Do(func() {
+		c.pairKeys = newPairKeys(c.StaticKey)
+		c.live = &liveConns{cfg: c}
+	})
+}
+
 // keys returns the preamble keys derived from c.StaticKey, which must be set.
 func (c *Config) keys() *pairKeys {
-	c.pairKeysOnce.Do(func() { c.pairKeys = newPairKeys(c.StaticKey) })
+	c.derive()
 	return c.pairKeys
+}
+
+// liveConns returns the connections established under c.
+func (c *Config) liveConns() *liveConns {
+	c.derive()
+	return c.live
 }
 
 func (c *Config) rand() io.Reader {

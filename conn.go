@@ -57,6 +57,8 @@ type Conn struct {
 	preambleTimer   *time.Timer
 	turn            *peerTurns
 
+	live *liveConns // tracks c once established
+
 	// Set by the responder's handshake.
 	handshakeStart time.Time
 	authenticated  bool   // the caller proved a keyring key
@@ -310,6 +312,9 @@ func (c *Conn) HandshakeContext(ctx context.Context) error {
 	}
 	c.handshakeErr = err
 	c.state.HandshakeComplete = err == nil
+	if err == nil {
+		c.cfg.liveConns().track(c)
+	}
 	c.handshakeDone.Store(true)
 	if c.cfg != nil {
 		c.logAttempt(time.Since(start), err)
@@ -590,6 +595,9 @@ const closeRecordTimeout = 5 * time.Second
 // Close sends the close record (when no Write is in flight and the handshake
 // has completed) and closes the underlying connection.
 func (c *Conn) Close() error {
+	if c.live != nil {
+		c.live.untrack(c)
+	}
 	var x int32
 	for {
 		x = c.activeCall.Load()

@@ -73,6 +73,8 @@ type Keyring struct {
 	byKey  map[PublicKey]string // public key -> name
 	byAddr map[string]string    // normalised address -> name
 	gen    uint64               // counts changes, for the preamble index
+
+	watchers map[*func(KeyringChange)]struct{} // keyring_live.go
 }
 
 // NewKeyring returns a keyring holding peers. It fails like Add on the first
@@ -97,7 +99,12 @@ func (k *Keyring) Add(p Peer) error {
 		return fmt.Errorf("noisetor: %w", err)
 	}
 	k.mu.Lock()
-	defer k.mu.Unlock()
+	unlocked := false
+	defer func() {
+		if !unlocked {
+			k.mu.Unlock()
+		}
+	}()
 	switch field, other := k.conflict(p); field {
 	case "":
 	case "name":
@@ -110,7 +117,17 @@ func (k *Keyring) Add(p Peer) error {
 		return fmt.Errorf("noisetor: %w", &peerError{ErrDuplicatePeer,
 			fmt.Sprintf("peer %q: its public key is already in the keyring as peer %q", p.Name, other)})
 	}
+	if len(k.watchers) == 0 {
+		k.insert(p)
+		return nil
+	}
+	change := KeyringChange{Added: []Peer{p}, OldFingerprint: k.fingerprintLocked()}
 	k.insert(p)
+	change.NewFingerprint = k.fingerprintLocked()
+	watchers := k.watchersLocked()
+	unlocked = true
+	k.mu.Unlock()
+	notifyKeyringWatchers(watchers, change)
 	return nil
 }
 
@@ -249,8 +266,14 @@ func (k *Keyring) Len() int {
 // comments or spacing of the files they were read from. The format is
 // specified in WIRE.md.
 func (k *Keyring) Fingerprint() string {
+	return keyringFingerprint(k.Peers())
+}
+
+// keyringFingerprint is the fingerprint of a keyring of peers (WIRE.md §11.3.2).
+func keyringFingerprint(peers []Peer) string {
+	slices.SortFunc(peers, func(a, b Peer) int { return strings.Compare(a.Name, b.Name) })
 	var b bytes.Buffer
-	for _, p := range k.Peers() {
+	for _, p := range peers {
 		writePeerLine(&b, p)
 	}
 	return fingerprint(keyringFingerprintDomain, b.Bytes())

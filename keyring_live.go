@@ -1,0 +1,219 @@
+package noisetor
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+)
+
+// A KeyringChange describes one change of a Keyring: the peers added and
+// removed, and the keyring's fingerprint before and after. A peer whose key,
+// address or client-authorization key changed is both removed (old entry)
+// and added (new entry).
+type KeyringChange struct {
+	Added, Removed []Peer
+	OldFingerprint string
+	NewFingerprint string
+}
+
+// IsZero reports that nothing changed.
+func (c KeyringChange) IsZero() bool { return len(c.Added) == 0 && len(c.Removed) == 0 }
+
+// String lists the names added and removed and both fingerprints, as the
+// keyring change log record and `noisetor keyring diff` show them.
+func (c KeyringChange) String() string {
+	names := func(ps []Peer) string {
+		var n []string
+		for _, p := range ps {
+			n = append(n, p.Name)
+		}
+		return strings.Join(n, ",")
+	}
+	return fmt.Sprintf("added [%s] removed [%s] fingerprint %s -> %s", names(c.Added), names(c.Removed), c.OldFingerprint, c.NewFingerprint)
+}
+
+// Remove removes the peer called name and returns its entry. From that
+// instant no new handshake with it succeeds, and every connection with it
+// established under a Config that uses this keyring is closed.
+func (k *Keyring) Remove(name string) (Peer, error) {
+	k.mu.Lock()
+	p, ok := k.byName[name]
+	if !ok {
+		k.mu.Unlock()
+		return Peer{}, fmt.Errorf("noisetor: the keyring has no peer named %q", name)
+	}
+	old := k.fingerprintLocked()
+	k.deleteLocked(p)
+	change := KeyringChange{Removed: []Peer{p}, OldFingerprint: old, NewFingerprint: k.fingerprintLocked()}
+	watchers := k.watchersLocked()
+	k.mu.Unlock()
+	notifyKeyringWatchers(watchers, change)
+	return p, nil
+}
+
+// Update replaces the peers of k with those of next, atomically: a handshake
+// sees either the old keyring or the new one. Peers no longer in k (or whose
+// entry changed) lose their connections as with Remove. It returns what
+// changed; next is not modified and may be discarded.
+//
+// To reload a keyring file while running, parse it with LoadKeyring and, if
+// that succeeded, Update the keyring in use with it; on an error the old
+// keyring stays in force.
+func (k *Keyring) Update(next *Keyring) KeyringChange {
+	peers := next.Peers()
+	k.mu.Lock()
+	change := KeyringChange{OldFingerprint: k.fingerprintLocked()}
+	want := make(map[string]Peer, len(peers))
+	for _, p := range peers {
+		want[p.Name] = p
+	}
+	for name, p := range k.byName {
+		if q, ok := want[name]; !ok || q != p {
+			change.Removed = append(change.Removed, p)
+		}
+	}
+	for _, p := range peers {
+		if q, ok := k.byName[p.Name]; !ok || q != p {
+			change.Added = append(change.Added, p)
+		}
+	}
+	byName := func(a, b Peer) int { return strings.Compare(a.Name, b.Name) }
+	slices.SortFunc(change.Removed, byName)
+	slices.SortFunc(change.Added, byName)
+	for _, p := range change.Removed {
+		k.deleteLocked(p)
+	}
+	for _, p := range change.Added {
+		k.insert(p) // next's peers are normalised and unique among themselves
+	}
+	change.NewFingerprint = k.fingerprintLocked()
+	watchers := k.watchersLocked()
+	k.mu.Unlock()
+	if !change.IsZero() {
+		notifyKeyringWatchers(watchers, change)
+	}
+	return change
+}
+
+// deleteLocked removes p. k.mu must be held.
+func (k *Keyring) deleteLocked(p Peer) {
+	k.gen++
+	delete(k.byName, p.Name)
+	delete(k.byKey, p.PublicKey)
+	if p.Address != "" {
+		delete(k.byAddr, p.Address)
+	}
+}
+
+// fingerprintLocked is Fingerprint with k.mu held.
+func (k *Keyring) fingerprintLocked() string {
+	peers := make([]Peer, 0, len(k.byName))
+	for _, p := range k.byName {
+		peers = append(peers, p)
+	}
+	return keyringFingerprint(peers)
+}
+
+// watch registers fn, called after every change of k (from the goroutine
+// that made it, without k's lock). The returned function unregisters it.
+func (k *Keyring) watch(fn func(KeyringChange)) (stop func()) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.watchers == nil {
+		k.watchers = make(map[*func(KeyringChange)]struct{})
+	}
+	key := &fn
+	k.watchers[key] = struct{}{}
+	return func() {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		delete(k.watchers, key)
+	}
+}
+
+func (k *Keyring) watchersLocked() []func(KeyringChange) {
+	fns := make([]func(KeyringChange), 0, len(k.watchers))
+	for fn := range k.watchers {
+		fns = append(fns, *fn)
+	}
+	return fns
+}
+
+func notifyKeyringWatchers(fns []func(KeyringChange), change KeyringChange) {
+	for _, fn := range fns {
+		fn(change)
+	}
+}
+
+// liveConns are the established connections of one Config, so that a peer
+// removed from its keyring loses them (Tor does not do this for a client
+// whose authorization is removed, and a stolen key must stop working at
+// once). It also logs every change of the keyring.
+type liveConns struct {
+	cfg *Config
+
+	once  sync.Once
+	mu    sync.Mutex
+	conns map[*Conn]struct{}
+}
+
+// track records an established connection; Close untracks it.
+func (l *liveConns) track(c *Conn) {
+	l.once.Do(func() {
+		if l.cfg.Keyring != nil {
+			l.cfg.Keyring.watch(l.keyringChanged) // for the life of the Config
+		}
+	})
+	l.mu.Lock()
+	if l.conns == nil {
+		l.conns = make(map[*Conn]struct{})
+	}
+	l.conns[c] = struct{}{}
+	l.mu.Unlock()
+	c.live = l
+}
+
+func (l *liveConns) untrack(c *Conn) {
+	l.mu.Lock()
+	delete(l.conns, c)
+	l.mu.Unlock()
+}
+
+// keyringChanged logs the change and closes the connections of every peer
+// whose entry is gone.
+func (l *liveConns) keyringChanged(change KeyringChange) {
+	attrs := []any{"old_fingerprint", change.OldFingerprint, "new_fingerprint", change.NewFingerprint}
+	for _, p := range change.Added {
+		attrs = append(attrs, slog.Group("added", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
+	}
+	for _, p := range change.Removed {
+		attrs = append(attrs, slog.Group("removed", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
+	}
+	l.cfg.logger().Log(context.Background(), slog.LevelInfo, "noisetor: keyring changed", attrs...)
+
+	var revoked []*Conn
+	l.mu.Lock()
+	for c := range l.conns {
+		p := c.state.Peer
+		if q, ok := l.cfg.Keyring.ByKey(p.PublicKey); !ok || q.Name != p.Name {
+			revoked = append(revoked, c)
+			delete(l.conns, c)
+		}
+	}
+	l.mu.Unlock()
+	for _, c := range revoked {
+		l.cfg.logger().Warn("noisetor: peer is no longer in the keyring; closing its connection",
+			"peer", c.state.Peer.Name, "key_fingerprint", c.state.Peer.PublicKey.Fingerprint())
+		c.revoke()
+	}
+}
+
+// revoke ends c because its peer left the keyring: the socket is closed at
+// once, without a close record, so that the peer reads a truncation rather
+// than a clean end, and our side's Read and Write fail.
+func (c *Conn) revoke() {
+	c.conn.Close()
+}
