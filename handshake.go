@@ -396,13 +396,13 @@ func readConfirm(r io.Reader, recv *halfState) error {
 func (c *Conn) serverHandshake(ctx context.Context) error {
 	cfg := c.cfg
 	own := cfg.StaticKey.PublicKey()
-	ctx, cancel := context.WithDeadline(ctx, c.handshakeStart.Add(cfg.handshakeTimeout()))
-	defer cancel()
 
 	// The magic and version first, so that a peer of another version, whose
 	// preamble may be shorter, gets a clear error rather than a timeout.
+	// (One read usually brings the whole preamble.)
 	rawPreamble := make([]byte, preambleLen)
-	if _, err := io.ReadFull(c.conn, rawPreamble[:5]); err != nil {
+	n, err := io.ReadAtLeast(c.conn, rawPreamble, 5)
+	if err != nil {
 		c.refusal = "no preamble"
 		return handshakeReadErr("preamble", err)
 	}
@@ -410,7 +410,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		c.refusal = "malformed preamble or other wire version"
 		return err
 	}
-	if _, err := io.ReadFull(c.conn, rawPreamble[5:]); err != nil {
+	if _, err := io.ReadFull(c.conn, rawPreamble[n:]); err != nil {
 		c.refusal = "no preamble"
 		return handshakeReadErr("preamble", err)
 	}
@@ -459,6 +459,9 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return fmt.Errorf("%w: preamble salt seen before", ErrReplay)
 	}
 	c.refusal = ""
+	// Waits for a turn or a DH slot end with the handshake.
+	ctx, cancel := context.WithDeadline(ctx, c.handshakeStart.Add(cfg.handshakeTimeout()))
+	defer cancel()
 	if pre.pattern == KK {
 		c.authenticated = true
 		if err := c.takeTurn(ctx, remote); err != nil {
