@@ -300,6 +300,15 @@ func TestAvailabilityForgedPreambles(t *testing.T) {
 			return b
 		}},
 		{"claims a stranger", func() []byte { return forgedFlight(stranger, server) }},
+		// The preamble alone: version 1 waited for message 1 after a
+		// preamble naming a trusted key, and closed at once otherwise.
+		{"preamble alone, claims a member", func() []byte {
+			pre := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly}
+			rand.Read(pre.salt[:])
+			k, _ := derivePairKey([]byte(member.raw), member, server)
+			return pre.sealKK(k, time.Now())
+		}},
+		{"preamble alone, claims a stranger", func() []byte { return forgedFlight(stranger, server)[:preambleLen] }},
 	}
 	const perCase = 300
 	for _, tc := range cases {
