@@ -346,7 +346,8 @@ func LoadKeyring(path string) (*Keyring, error) {
 }
 
 // ParseKeyring reads a keyring in its text format: UTF-8, at most 1 MiB, lines
-// separated by "\n" (a "\r" before it is ignored), at most 4096 bytes each.
+// separated by "\n" (one "\r" before it is ignored; any other "\r" is an
+// error), at most 4096 bytes each.
 // Each line is blank, a comment, or one peer:
 //
 //	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
@@ -380,9 +381,12 @@ func parseKeyring(path string, r io.Reader) (*Keyring, error) {
 	keyLine := make(map[PublicKey]int)
 	addrLine := make(map[string]int)
 	for n := 1; len(data) > 0; n++ {
-		var line []byte
-		line, data, _ = bytes.Cut(data, []byte("\n"))
-		p, ok, err := parseLine(bytes.TrimSuffix(line, []byte("\r")))
+		line, rest, lf := bytes.Cut(data, []byte("\n"))
+		data = rest
+		if lf {
+			line = bytes.TrimSuffix(line, []byte("\r"))
+		}
+		p, ok, err := parseLine(line)
 		if err != nil {
 			return nil, &KeyringError{Path: path, Line: n, Err: err}
 		}
@@ -423,6 +427,12 @@ func parseLine(line []byte) (p Peer, ok bool, err error) {
 	}
 	if !utf8.Valid(line) {
 		return Peer{}, false, &peerError{ErrBadPeer, "line is not valid UTF-8"}
+	}
+	// Only the one CR directly before the LF is a line ending (CR CR LF is
+	// not); any other would end up inside a field, where a lenient decoder
+	// might skip it, giving one value two spellings.
+	if bytes.IndexByte(line, '\r') >= 0 {
+		return Peer{}, false, &peerError{ErrBadPeer, "stray carriage return (CR): a line ends with LF or CR LF"}
 	}
 	var fields []string
 	for f := range strings.FieldsFuncSeq(string(line), func(r rune) bool { return r == ' ' || r == '\t' }) {

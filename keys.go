@@ -67,7 +67,9 @@ func parseCurve(s string) (Curve, error) {
 	case "p256":
 		return P256, nil
 	}
-	return 0, fmt.Errorf("unknown curve %q (want x25519 or p256)", s)
+	// The name is not quoted: it is whatever came before the first ':' of a
+	// key field, which may be a pasted secret.
+	return 0, errors.New("unknown curve (want x25519 or p256)")
 }
 
 // ErrBadKey is matched (with errors.Is) by every error about a malformed,
@@ -155,11 +157,26 @@ func ParsePublicKey(s string) (PublicKey, error) {
 	if err != nil {
 		return PublicKey{}, badKey("%v", err)
 	}
-	raw, err := base64.RawURLEncoding.Strict().DecodeString(enc)
-	if err != nil {
+	raw, ok := decodeKeyBase64(enc)
+	if !ok {
 		return PublicKey{}, badKey("public key is not unpadded base64url")
 	}
 	return NewPublicKey(c, raw)
+}
+
+// decodeKeyBase64 decodes unpadded base64url (RFC 4648 §5) with nothing else
+// in it. encoding/base64 skips CR and LF anywhere in its input, even in Strict
+// mode; a key text must have exactly one accepted form (WIRE.md §11.1), so
+// every byte is checked against the alphabet first. Strict mode then rejects
+// a last character with unused bits set.
+func decodeKeyBase64(s string) ([]byte, bool) {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < 'A' || c > 'Z') && (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
+			return nil, false
+		}
+	}
+	b, err := base64.RawURLEncoding.Strict().DecodeString(s)
+	return b, err == nil
 }
 
 // Curve returns the key's curve, or 0 for the zero PublicKey.
@@ -349,8 +366,8 @@ func ParsePrivateKey(text []byte) (*PrivateKey, error) {
 	if err != nil {
 		return nil, badKey("%v", err)
 	}
-	scalar, err := base64.RawURLEncoding.Strict().DecodeString(enc)
-	if err != nil || len(scalar) != 32 {
+	scalar, ok := decodeKeyBase64(enc)
+	if !ok || len(scalar) != 32 {
 		return nil, badKey("private key is not 32 bytes of unpadded base64url")
 	}
 	return NewPrivateKey(c, scalar)
