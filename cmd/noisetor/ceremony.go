@@ -65,7 +65,7 @@ func parseCurveFlag(s string) (noisetor.Curve, error) {
 	case "p256", "p-256":
 		return noisetor.P256, nil
 	}
-	return 0, usagef("unknown curve %q (want x25519 or p256)", s)
+	return 0, usagef("unknown curve %s (want x25519 or p256)", echoArg(s))
 }
 
 func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
@@ -238,6 +238,12 @@ A private key file is read only to compute its public key.`,
 }
 
 func fingerprintOf(arg string) (fp, what string, err error) {
+	// A secret pasted where a public key or file name belongs: say so, and
+	// never echo it (the file-not-found error below would).
+	if strings.Contains(strings.ToUpper(arg), "NOISETOR-") {
+		return "", "", errors.New("the argument is a noisetor secret key, not a public key or a file name; it is not shown. " +
+			"Never paste a private key: it is now in your shell history, so treat it as exposed")
+	}
 	if strings.HasPrefix(arg, "x25519:") || strings.HasPrefix(arg, "p256:") {
 		pub, err := noisetor.ParsePublicKey(arg)
 		if err != nil {
@@ -248,7 +254,8 @@ func fingerprintOf(arg string) (fp, what string, err error) {
 	text, err := readLimited(arg, 1<<20)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return "", "", fmt.Errorf("%s: no such file, and not a public key (those look like x25519:...)", arg)
+			// Not quoted: it is neither a file nor a key, and may be a secret.
+			return "", "", errors.New("no such file, and not a public key (those look like x25519:...)")
 		}
 		return "", "", err
 	}
@@ -337,7 +344,7 @@ func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		fmt.Fprintf(e.stdout, "%s: ok, %s, fingerprint %s\n", args[0], nPeers(kr.Len()), kr.Fingerprint())
 		return nil
 	}
-	return usagef("unknown keyring subcommand %q (want add, remove, list or check)", sub)
+	return usagef("unknown keyring subcommand %s (want add, remove, list or check)", echoArg(sub))
 }
 
 // loadOrNewKeyring loads path, or returns an empty keyring if it does not
@@ -368,7 +375,7 @@ func keyringAdd(e *env, o *keyringAddOptions, args []string) error {
 	line := strings.Join(args[1:3], " ")
 	for _, f := range args[3:] {
 		if !strings.HasPrefix(f, "addr=") && !strings.HasPrefix(f, "auth=") {
-			return usagef("unexpected argument %q (want addr=HOST:PORT or auth=KEY)", f)
+			return usagef("unexpected argument %s (want addr=HOST:PORT or auth=KEY)", echoArg(f))
 		}
 		line += " " + f
 	}
@@ -382,7 +389,16 @@ func keyringAdd(e *env, o *keyringAddOptions, args []string) error {
 	if err != nil {
 		var ke *noisetor.KeyringError
 		if errors.As(err, &ke) {
-			return fmt.Errorf("peer %s: %w", args[1], ke.Err)
+			// The name is shown only if it is valid: it may be a secret
+			// pasted into the wrong argument.
+			switch named := fmt.Sprintf("peer %q", args[1]); {
+			case checkPeerLine(args[1], "") != nil:
+				return fmt.Errorf("the peer line: %w", ke.Err)
+			case strings.HasPrefix(ke.Err.Error(), named):
+				return ke.Err
+			default:
+				return fmt.Errorf("%s: %w", named, ke.Err)
+			}
 		}
 		return err
 	}
@@ -418,7 +434,7 @@ func keyringRemove(e *env, path, name string) error {
 		return err
 	}
 	if _, ok := kr.ByName(name); !ok {
-		return fmt.Errorf("%s has no peer named %q", path, name)
+		return fmt.Errorf("%s has no peer named %s", path, echoArg(name))
 	}
 	var keep []noisetor.Peer
 	for _, p := range kr.Peers() {

@@ -25,6 +25,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -106,7 +107,7 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		if len(args) > 1 && args[0] == "help" {
 			c := lookup(args[1])
 			if c == nil {
-				fmt.Fprintf(stderr, "noisetor: unknown command %q\nRun 'noisetor help' for the list of commands.\n", args[1])
+				fmt.Fprintf(stderr, "noisetor: unknown command %s\nRun 'noisetor help' for the list of commands.\n", echoArg(args[1]))
 				return exitUsage
 			}
 			fs, _ := newFlagSet(c)
@@ -121,9 +122,9 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	c := lookup(args[0])
 	if c == nil {
 		if strings.HasPrefix(args[0], "-") {
-			fmt.Fprintf(stderr, "noisetor: a command must come first, before %s\n", args[0])
+			fmt.Fprintf(stderr, "noisetor: a command must come first, before %s\n", echoArg(args[0]))
 		} else {
-			fmt.Fprintf(stderr, "noisetor: unknown command %q\n", args[0])
+			fmt.Fprintf(stderr, "noisetor: unknown command %s\n", echoArg(args[0]))
 		}
 		fmt.Fprintf(stderr, "Run 'noisetor help' for the list of commands.\n")
 		return exitUsage
@@ -208,9 +209,33 @@ func wantArgs(args []string, min, max int, what string) error {
 	case len(args) < min:
 		return usagef("missing %s", what)
 	case max >= 0 && len(args) > max:
-		return usagef("unexpected argument %q", args[max])
+		return usagef("unexpected argument %s", echoArg(args[max]))
 	}
 	return nil
+}
+
+// echoArg returns s quoted, for an error message, if it looks like a word
+// an operator typed (a command, curve or peer name, a flag): at most 24
+// characters of a-z, 0-9, '.', '_' and '-' with at least one letter.
+// Anything else is not shown: an argument that was rejected may be a secret
+// pasted in the wrong place (a private key, a PIN), and error messages end
+// up in logs and scrollback.
+func echoArg(s string) string {
+	letter := false
+	ok := len(s) > 0 && len(s) <= 24
+	for i := 0; ok && i < len(s); i++ {
+		switch c := s[i]; {
+		case 'a' <= c && c <= 'z':
+			letter = true
+		case '0' <= c && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			ok = false
+		}
+	}
+	if ok && letter {
+		return strconv.Quote(s)
+	}
+	return "(not shown: it may be a secret)"
 }
 
 func printMainUsage(w io.Writer) {

@@ -189,7 +189,7 @@ func TestKeyring(t *testing.T) {
 	cli(t, "", "keyring", "add", ring, "again", f[1]).want(t, exitFail, `already in the keyring as peer "cosigner"`)
 	cli(t, "", "keyring", "add", ring, "cosigner", strings.Fields(lines[3])[1]).want(t, exitFail, "already has a peer named")
 	cli(t, "", "keyring", "add", ring, "x", "x25519:AAAA").want(t, exitFail, "bad key")
-	cli(t, "", "keyring", "add", ring, "x", f[1], "--auth", "nope").want(t, exitFail, "peer x")
+	cli(t, "", "keyring", "add", ring, "x", f[1], "--auth", "nope").want(t, exitFail, `peer "x": auth`)
 	cli(t, "", "keyring", "add", ring, "x", f[1], "bogus=1").want(t, exitUsage, "unexpected argument")
 	cli(t, "", "keyring", "add", ring, "x").want(t, exitUsage, "missing")
 	cli(t, "", "keyring", "list", ring, "--addr", "1.2.3.4:5").want(t, exitUsage, "for 'keyring add'")
@@ -563,4 +563,59 @@ func TestKeygenPKCS11(t *testing.T) {
 	t.Setenv(noisetor.EnvPKCS11PINFile, "")
 	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-key", "cosigner").want(t, exitUsage, "needs the token's user PIN")
 	cli(t, "", "keygen", "--pkcs11", "-o", filepath.Join(dir, "k")).want(t, exitUsage, "stays on the token")
+}
+
+// A secret pasted into the wrong argument is never echoed (issue: the
+// fingerprint command printed a pasted private key in its error).
+func TestErrorsDoNotEchoSecrets(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "a.key")
+	cli(t, "", "keygen", "-o", keyFile).want(t, exitOK, "")
+	text, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv := strings.TrimSpace(string(text))
+	secret := priv[strings.IndexByte(priv, ':')+1:]
+	pub := strings.Fields(cli(t, "", "pubkey", "--name", "a", keyFile).stdout)[1]
+	ring := filepath.Join(dir, "ring")
+	cli(t, "a "+pub+"\n", "keyring", "add", ring, "-").want(t, exitOK, "")
+	const pin = "482916"
+	for _, args := range [][]string{
+		{"fingerprint", priv},
+		{"fingerprint", strings.ToLower(priv)},
+		{"fingerprint", secret},
+		{"fingerprint", "x25519:" + secret + "x"},
+		{"fingerprint", secret + ":" + secret},
+		{priv},
+		{"help", secret},
+		{"-" + secret},
+		{"keygen", "-o", filepath.Join(dir, "b.key"), "--curve", secret},
+		{"keygen", "-o", filepath.Join(dir, "c.key"), secret},
+		{"keyring", secret, ring},
+		{"keyring", "add", ring, secret, pub},
+		{"keyring", "add", ring, priv, pub},
+		{"keyring", "add", ring, "b", priv},
+		{"keyring", "add", ring, "b", secret},
+		{"keyring", "add", ring, "b", pub, secret},
+		{"keyring", "add", ring, "b", pub, "addr=" + secret},
+		{"keyring", "remove", ring, secret},
+		{"keyring", "remove", ring, pin},
+		{"pubkey", keyFile, pin},
+		{"fingerprint", ring, pin},
+	} {
+		r := cli(t, "", args...)
+		if r.code == exitOK {
+			t.Errorf("%q succeeded", args)
+			continue
+		}
+		out := strings.ToLower(r.stdout + r.stderr)
+		for _, s := range []string{secret[:20], pin} {
+			if strings.Contains(out, strings.ToLower(s)) {
+				t.Errorf("noisetor %q echoes the secret:\n%s%s", args, r.stdout, r.stderr)
+			}
+		}
+	}
+	r := cli(t, "", "fingerprint", priv)
+	r.want(t, exitFail, "secret key")
 }
