@@ -61,7 +61,12 @@ type PKCS11Config struct {
 	// instead; like a private key file, it must not be readable by group or
 	// others. Set at most one. With neither, the token is not logged in to,
 	// which works only for tokens that need no login.
-	PIN     string
+	//
+	// PIN is not marshalled to JSON, and the print methods below hide it.
+	// But fmt cannot call those methods on a PKCS11Config (or a pointer to
+	// one) in an unexported field of another struct, and then prints its
+	// fields, PIN included; %p and %w do the same. Prefer PINFile.
+	PIN     string `json:"-"`
 	PINFile string
 
 	// Curve is the curve of a new key for GeneratePKCS11Key (default

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -406,9 +407,22 @@ func (m *p11module) logout(token string) {
 // Anyone who can use the token and knows the PIN can compute DH with this
 // key, and so act as this identity, for as long as they have access: a token
 // prevents theft of the key, not its use.
+//
+// Its String, GoString, Format and LogValue methods never show the PIN, for
+// a *PKCS11Key and a dereferenced PKCS11Key alike.
 type PKCS11Key struct {
-	mod      *p11module
-	pin      string // kept to log in again after the token comes back
+	// All state is behind a pointer, so that the print methods can have
+	// value receivers without copying locks: fmt would otherwise print a
+	// dereferenced key field by field, PIN included.
+	*pkcs11Key
+}
+
+type pkcs11Key struct {
+	mod *p11module
+	// pin is kept to log in again after the token comes back. It is behind
+	// a pointer (nil: no PIN) so that even fmt's field-by-field printing of
+	// a PKCS11Key shows only an address (see PrivateKey).
+	pin      *string
 	tokenSel string // "label \"x\"" or "serial y", for messages
 	tokenID  string // key of mod.logins
 	cfg      PKCS11Config
@@ -476,13 +490,15 @@ func openPKCS11(cfg *PKCS11Config, generate bool) (_ *PKCS11Key, err error) {
 	if n == 0 {
 		n = defaultPKCS11Sessions
 	}
-	k := &PKCS11Key{
-		pin:        pin,
+	k := &PKCS11Key{&pkcs11Key{
 		cfg:        *cfg,
 		id:         bytes.Clone(cfg.KeyID),
 		label:      cfg.KeyLabel,
 		sem:        make(chan struct{}, n),
 		retryEvery: pkcs11RetryInterval,
+	}}
+	if pin != "" {
+		k.pin = &pin
 	}
 	k.cfg.PIN, k.cfg.KeyID = "", nil
 	switch {
@@ -1161,8 +1177,8 @@ func (k *PKCS11Key) reconnectLocked() error {
 		if err != nil {
 			return p11err(nil, call("C_OpenSession", err), "reconnecting to token %s", k.tokenSel)
 		}
-		if k.pin != "" {
-			if err := k.mod.login(s, k.tokenID, k.pin, false); err != nil {
+		if k.pin != nil {
+			if err := k.mod.login(s, k.tokenID, *k.pin, false); err != nil {
 				_ = ctx.CloseSession(s)
 				if _, ok := err.(*pkcs11Err); ok {
 					return err
@@ -1203,23 +1219,29 @@ func (k *PKCS11Key) Close() error {
 	k.st.Lock()
 	k.closeSessionsLocked()
 	k.st.Unlock()
-	if k.pin != "" {
+	if k.pin != nil {
 		k.mod.logout(k.tokenID)
 	}
-	k.pin = ""
+	k.pin = nil
 	k.mod.release()
 	return nil
 }
 
 // String describes the key by its public key, token and name.
-func (k *PKCS11Key) String() string {
+func (k PKCS11Key) String() string {
+	if k.pkcs11Key == nil {
+		return "noisetor.PKCS11Key(<none>)"
+	}
 	return fmt.Sprintf("noisetor.PKCS11Key(%s, token %s, key %s)", k.pub, k.tokenSel, k.keyDesc())
 }
 
 // GoString is String, so %#v does not print the PIN kept for reconnecting.
-func (k *PKCS11Key) GoString() string { return k.String() }
+func (k PKCS11Key) GoString() string { return k.String() }
 
 // Format prints String for every verb.
-func (k *PKCS11Key) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+func (k PKCS11Key) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// LogValue implements slog.LogValuer: log/slog shows String.
+func (k PKCS11Key) LogValue() slog.Value { return slog.StringValue(k.String()) }
 
 var _ StaticKey = (*PKCS11Key)(nil)

@@ -763,7 +763,7 @@ func TestPKCS11FaultBadKeys(t *testing.T) {
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, "no-derive"),
 	}, 1)
-	k := &PKCS11Key{mod: &p11module{ctx: ctx}}
+	k := &PKCS11Key{&pkcs11Key{mod: &p11module{ctx: ctx}}}
 	if _, err := k.deriveRaw(s, hs[0], X25519, basePoint(X25519)); !isRV(err, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
 		t.Fatalf("C_DeriveKey on a key without CKA_DERIVE: %v", err)
 	}
@@ -990,10 +990,18 @@ func TestPKCS11ConfigFromEnv(t *testing.T) {
 func TestPKCS11KeyFormatHidesPIN(t *testing.T) {
 	st, toks := hsmStore(t, "fmt")
 	k := hsmGenerate(t, hsmCfg(st, toks["fmt"], "fmt"))
-	for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%+v %#v %v", k, k, []StaticKey{k})} {
+	for _, s := range []string{fmt.Sprint(k), fmt.Sprint(*k), fmt.Sprintf("%+v %#v %v", k, k, []StaticKey{k})} {
 		if strings.Contains(s, hsmPIN) || !strings.Contains(s, k.PublicKey().String()) {
 			t.Fatalf("rendering: %s", s)
 		}
+	}
+	// Every verb, dereferenced too (fmt.Sprintf("%+v", *k) used to print
+	// the PIN kept for reconnecting), and fmt's method-less printing.
+	checkNeverPrinted(t, map[string]any{"*PKCS11Key": k, "PKCS11Key": *k, "StaticKey": StaticKey(k),
+		"Config": Config{StaticKey: k}}, [][]byte{[]byte(hsmPIN)}, true)
+	var zero PKCS11Key
+	if s := fmt.Sprint(zero); s != "noisetor.PKCS11Key(<none>)" {
+		t.Errorf("zero PKCS11Key prints %q", s)
 	}
 }
 

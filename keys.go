@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"strings"
 )
@@ -247,9 +248,18 @@ type StaticKey interface {
 
 const privateKeyPrefix = "NOISETOR-PRIVATE-KEY-"
 
-// A PrivateKey is a software StaticKey. Its String, GoString and Format
-// methods never print the private scalar.
+// A PrivateKey is a software StaticKey. Its String, GoString, Format and
+// LogValue methods never print the private scalar.
 type PrivateKey struct {
+	// The scalar is two pointers away. fmt prints a value that it cannot
+	// call methods on (a PrivateKey in an unexported field of another
+	// struct) field by field, and for a verb such as %s it prints what a
+	// pointer field points to as well; only a pointer inside that is
+	// printed as an address.
+	*privateKey
+}
+
+type privateKey struct {
 	priv *ecdh.PrivateKey
 	pub  PublicKey
 }
@@ -305,7 +315,7 @@ func NewPrivateKey(c Curve, scalar []byte) (*PrivateKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &PrivateKey{priv: priv, pub: pub}, nil
+	return &PrivateKey{&privateKey{priv: priv, pub: pub}}, nil
 }
 
 // PublicKey returns the public half.
@@ -332,13 +342,21 @@ func (k *PrivateKey) DH(peer PublicKey) ([]byte, error) {
 // String, GoString and Format have value receivers so that a dereferenced
 // key is covered too: for fmt.Sprintf("%s", *k), fmt would otherwise print
 // the inner *ecdh.PrivateKey, scalar included, after "%!s(".
-func (k PrivateKey) String() string { return "noisetor.PrivateKey(" + k.pub.String() + ")" }
+func (k PrivateKey) String() string {
+	if k.privateKey == nil {
+		return "noisetor.PrivateKey(<none>)"
+	}
+	return "noisetor.PrivateKey(" + k.pub.String() + ")"
+}
 
 // GoString is like String, so %#v cannot leak the scalar either.
 func (k PrivateKey) GoString() string { return k.String() }
 
 // Format prints String for every verb, so no fmt verb reveals the scalar.
 func (k PrivateKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// LogValue implements slog.LogValuer: log/slog shows String.
+func (k PrivateKey) LogValue() slog.Value { return slog.StringValue(k.String()) }
 
 // MarshalPrivateText returns the private key file encoding,
 // "NOISETOR-PRIVATE-KEY-X25519:<base64url>\n". It is named so that nobody calls
