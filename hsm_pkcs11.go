@@ -16,11 +16,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/miekg/pkcs11"
 )
@@ -154,11 +156,23 @@ var paramCodes = map[uint]bool{
 	pkcs11.CKR_DOMAIN_PARAMS_INVALID:   true,
 }
 
+// templateCodes are the return values of C_GenerateKeyPair that mean a
+// template attribute is not accepted for this key type.
+var templateCodes = map[uint]bool{
+	pkcs11.CKR_ATTRIBUTE_TYPE_INVALID:  true,
+	pkcs11.CKR_ATTRIBUTE_VALUE_INVALID: true,
+	pkcs11.CKR_TEMPLATE_INCONSISTENT:   true,
+	pkcs11.CKR_ATTRIBUTE_READ_ONLY:     true,
+}
+
 const defaultPKCS11Sessions = 4
 
 // PKCS11ConfigFromEnv reads a PKCS11Config from the NOISETOR_PKCS11_*
 // environment variables. It returns nil, nil when none of them is set, so the
-// caller can fall back to a software key. Prefer NOISETOR_PKCS11_PIN_FILE to
+// caller can fall back to a software key, and an error naming the variable
+// when one is malformed. Variables that are not set leave their fields
+// empty, for the caller to fill in (a command-line flag, say); OpenPKCS11Key
+// reports what is still missing. Prefer NOISETOR_PKCS11_PIN_FILE to
 // NOISETOR_PKCS11_PIN: the environment is inherited by child processes and,
 // on many systems, readable by the same user through /proc.
 func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
@@ -177,6 +191,7 @@ func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
 		KeyLabel:    get(EnvPKCS11Key),
 		PIN:         get(EnvPKCS11PIN),
 		PINFile:     get(EnvPKCS11PINFile),
+		InitParams:  get(EnvPKCS11InitParams),
 	}
 	if v := get(EnvPKCS11KeyID); v != "" {
 		id, err := hex.DecodeString(strings.TrimPrefix(strings.ReplaceAll(v, ":", ""), "0x"))
@@ -201,9 +216,6 @@ func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
 	}
 	if !any {
 		return nil, nil
-	}
-	if c.Module == "" {
-		return nil, p11err(nil, nil, "%s is not set", EnvPKCS11Module)
 	}
 	return c, nil
 }
@@ -257,6 +269,7 @@ func readPINFile(path string) (string, error) {
 // process-wide, and so is the login state of a token.
 type p11module struct {
 	path     string
+	params   string // PKCS11Config.InitParams
 	ctx      *pkcs11.Ctx
 	refs     int  // guarded by p11modules
 	finalize bool // we called C_Initialize; guarded by p11modules
@@ -277,9 +290,9 @@ var p11modules = struct {
 	m map[string]*p11module
 }{m: map[string]*p11module{}}
 
-// acquireModule loads and initialises the module at path, or takes another
-// reference to it.
-func acquireModule(path string) (*p11module, error) {
+// acquireModule loads and initialises the module at path, passing params
+// (PKCS11Config.InitParams) to C_Initialize, or takes another reference to it.
+func acquireModule(path, params string) (*p11module, error) {
 	key := path
 	if strings.ContainsRune(path, os.PathSeparator) {
 		// Resolve symlinks so that two spellings share one registry entry
@@ -296,6 +309,11 @@ func acquireModule(path string) (*p11module, error) {
 	p11modules.Lock()
 	defer p11modules.Unlock()
 	if m := p11modules.m[key]; m != nil {
+		if m.params != params {
+			// One C_Initialize per process: the second configuration
+			// would silently get the first one's database.
+			return nil, p11err(nil, nil, "PKCS#11 module %s is already in use in this process with other InitParams", path)
+		}
 		m.refs++
 		return m, nil
 	}
@@ -303,12 +321,15 @@ func acquireModule(path string) (*p11module, error) {
 	if ctx == nil {
 		return nil, p11err(ErrPKCS11NotFound, nil, "cannot load %s as a PKCS#11 module (not a shared library with C_GetFunctionList, or for another architecture)", path)
 	}
-	m := &p11module{path: path, ctx: ctx, refs: 1, finalize: true, logins: map[string]*p11login{}}
-	if err := ctx.Initialize(); err != nil {
+	m := &p11module{path: path, params: params, ctx: ctx, refs: 1, finalize: true, logins: map[string]*p11login{}}
+	if err := m.initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			ctx.Destroy()
+			if isRV(err, pkcs11.CKR_ARGUMENTS_BAD) && params == "" {
+				return nil, p11err(nil, err, "initialising module %s (NSS softokn needs its parameters: PKCS11Config.InitParams, %s)", path, EnvPKCS11InitParams)
+			}
 			// SoftHSM reports a missing or broken SOFTHSM2_CONF as CKR_GENERAL_ERROR.
-			return nil, p11err(nil, call("C_Initialize", err), "initialising module %s", path)
+			return nil, p11err(nil, err, "initialising module %s", path)
 		}
 		// Someone else in this process (crypto11, say) initialised it: share
 		// it and leave C_Finalize to them.
@@ -336,11 +357,26 @@ func (m *p11module) release() {
 	m.ctx.Destroy() // after this any call on m.ctx is a SIGSEGV
 }
 
+// initialize calls C_Initialize with the module's parameters (OS locking,
+// and pReserved for NSS).
+func (m *p11module) initialize() error {
+	if m.params == "" {
+		return call("C_Initialize", m.ctx.Initialize())
+	}
+	// A NUL-terminated copy in Go memory: it holds no Go pointers, is
+	// pinned for the duration of the call, and NSS parses it during
+	// C_Initialize without keeping it.
+	p := append([]byte(m.params), 0)
+	err := m.ctx.Initialize(pkcs11.InitializeWithReserved(unsafe.Pointer(&p[0])))
+	runtime.KeepAlive(p)
+	return call("C_Initialize", err)
+}
+
 // reinitialize calls C_Initialize again after someone else finalised the module.
 func (m *p11module) reinitialize() error {
 	p11modules.Lock()
 	defer p11modules.Unlock()
-	err := m.ctx.Initialize()
+	err := m.initialize()
 	if err == nil {
 		m.finalize = true
 		return nil
@@ -348,7 +384,7 @@ func (m *p11module) reinitialize() error {
 	if isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return nil
 	}
-	return call("C_Initialize", err)
+	return err
 }
 
 // login logs the process in to the token (one login covers every session of
@@ -509,7 +545,7 @@ func openPKCS11(cfg *PKCS11Config, generate bool) (_ *PKCS11Key, err error) {
 	default:
 		k.tokenSel = fmt.Sprintf("serial %q", cfg.TokenSerial)
 	}
-	if k.mod, err = acquireModule(cfg.Module); err != nil {
+	if k.mod, err = acquireModule(cfg.Module, cfg.InitParams); err != nil {
 		return nil, err
 	}
 	loggedIn := false
@@ -579,7 +615,7 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 	}
 	var found []uint
 	var info pkcs11.TokenInfo
-	var present []string
+	var present, matching []string
 	for _, sl := range slots {
 		ti, err := ctx.GetTokenInfo(sl)
 		if err != nil || ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
@@ -590,6 +626,7 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 			(k.cfg.TokenSerial == "" || ti.SerialNumber == k.cfg.TokenSerial) {
 			found = append(found, sl)
 			info = ti
+			matching = append(matching, fmt.Sprintf("label %q serial %q", ti.Label, ti.SerialNumber))
 		}
 	}
 	switch len(found) {
@@ -602,7 +639,19 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 	case 1:
 		return found[0], info, nil
 	}
-	return 0, info, p11err(nil, nil, "%d tokens with %s in module %s; select one by serial", len(found), k.tokenSel, k.mod.path)
+	// Advise the selector that was not given; with both given, the tokens
+	// cannot be told apart by this API at all.
+	var advice string
+	switch {
+	case k.cfg.TokenSerial == "":
+		advice = "select one by serial as well (" + EnvPKCS11TokenSerial + ")"
+	case k.cfg.TokenLabel == "":
+		advice = "select one by label as well (" + EnvPKCS11Token + ")"
+	default:
+		advice = "they cannot be told apart: relabel one of them"
+	}
+	return 0, info, p11err(nil, nil, "%d tokens with %s in module %s (%s); %s",
+		len(found), k.tokenSel, k.mod.path, strings.Join(matching, ", "), advice)
 }
 
 func (k *PKCS11Key) keyDesc() string {
@@ -722,6 +771,11 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 		curve = X25519
 	case t == pkcs11.CKK_EC && oneOf(params, ecParamsP256):
 		curve = P256
+	case t == pkcs11.CKK_EC && bytes.Equal(params, oidX25519NSS):
+		// NSS before PKCS#11 3.0 support stores X25519 keys as CKK_EC
+		// with its own OID; the base-point check below proves that the
+		// token computes X25519 with it.
+		curve = X25519
 	case t == ckkECEdwards:
 		return fail(ErrPKCS11Unsupported, nil, "is an Edwards (signing) key, not an X25519 key (CKA_EC_PARAMS %x)", params)
 	default:
@@ -730,14 +784,14 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	if v, ok, err := attr(ctx, s, h, pkcs11.CKA_DERIVE); err != nil {
 		return fail(nil, err, "cannot read CKA_DERIVE")
 	} else if !ok || !ckBool(v) {
-		return fail(nil, nil, "does not allow key derivation (CKA_DERIVE is false), so it cannot do Diffie-Hellman; generate a key with derive permission")
+		return fail(ErrPKCS11KeyPolicy, nil, "does not allow key derivation (CKA_DERIVE is false), so it cannot do Diffie-Hellman; generate a key with derive permission")
 	}
 	// A key that can leave the token defeats the point of keeping it there.
 	if v, ok, _ := attr(ctx, s, h, pkcs11.CKA_EXTRACTABLE); ok && ckBool(v) {
-		return fail(nil, nil, "is extractable (CKA_EXTRACTABLE is true); refusing a private key that can be read out of the token")
+		return fail(ErrPKCS11KeyPolicy, nil, "is extractable (CKA_EXTRACTABLE is true); refusing a private key that can be read out of the token")
 	}
 	if v, ok, _ := attr(ctx, s, h, pkcs11.CKA_SENSITIVE); ok && !ckBool(v) {
-		return fail(nil, nil, "is not sensitive (CKA_SENSITIVE is false); refusing a private key that can be read out of the token")
+		return fail(ErrPKCS11KeyPolicy, nil, "is not sensitive (CKA_SENSITIVE is false); refusing a private key that can be read out of the token")
 	}
 	if len(f.id) == 0 {
 		f.id, _, _ = attr(ctx, s, h, pkcs11.CKA_ID)
@@ -777,6 +831,10 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	base := basePoint(curve)
 	fromBase, err := k.deriveRaw(s, h, curve, base)
 	if err != nil {
+		if noECDH(err) {
+			return fail(ErrPKCS11Unsupported, err, "the token cannot do ECDH (CKM_ECDH1_DERIVE) with this key; "+
+				"tpm2-pkcs11 and p11-kit remoting, for two, have none")
+		}
 		return fail(nil, err, "Diffie-Hellman with the base point failed")
 	}
 	var pub PublicKey
@@ -810,6 +868,20 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	}
 	f.pub = pub
 	return f, nil
+}
+
+// noECDH reports whether err, from C_DeriveKey, says that the token has no
+// ECDH at all for the key, rather than that this one call failed.
+func noECDH(err error) bool {
+	var pe *PKCS11Error
+	if !errors.As(err, &pe) || pe.Func != "C_DeriveKey" {
+		return false
+	}
+	switch pe.Code {
+	case pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_KEY_TYPE_INCONSISTENT:
+		return true
+	}
+	return false
 }
 
 // basePoint returns the curve's generator in the encoding C_DeriveKey takes.
@@ -940,6 +1012,10 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		mech, ktype, params = ckmECMontgomeryKeyPairGen, ckkECMontgomery, oidX25519
 	case c == X25519 && has[ckmECEdwardsKeyPairGen]:
 		mech, ktype, params = ckmECEdwardsKeyPairGen, ckkECEdwards, oidX25519
+	case c == X25519 && has[pkcs11.CKM_EC_KEY_PAIR_GEN]:
+		// NSS without PKCS#11 3.0 mechanisms makes Curve25519 keys as
+		// CKK_EC keys with its own OID; other tokens refuse the OID.
+		mech, ktype, params = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC, oidX25519NSS
 	default:
 		return foundKey{}, p11err(ErrPKCS11Unsupported, nil, "token %s cannot generate %v keys; try curve p256", k.tokenSel, c)
 	}
@@ -955,6 +1031,7 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 	}
 	defer ctx.CloseSession(s)
 	// Refuse duplicates: two keys under one name make OpenPKCS11Key ambiguous.
+	// The message names the key that is there, not the new key's ID.
 	for _, t := range [][]*pkcs11.Attribute{
 		{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY), pkcs11.NewAttribute(pkcs11.CKA_ID, k.id)},
 		{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY), pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.label)},
@@ -966,9 +1043,17 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		if err != nil {
 			return foundKey{}, p11err(nil, err, "token %s", k.tokenSel)
 		}
-		if len(hs) > 0 {
-			return foundKey{}, p11err(fs.ErrExist, nil, "token %s already has a private key with label %q or id %x", k.tokenSel, k.label, k.id)
+		if len(hs) == 0 {
+			continue
 		}
+		label, _, _ := attr(ctx, s, hs[0], pkcs11.CKA_LABEL)
+		id, _, _ := attr(ctx, s, hs[0], pkcs11.CKA_ID)
+		what := fmt.Sprintf("id %x", k.id)
+		if t[1].Type == pkcs11.CKA_LABEL {
+			what = fmt.Sprintf("label %q", k.label)
+		}
+		return foundKey{}, p11err(fs.ErrExist, nil, "token %s already has a private key with %s (label %q, id %x); choose another",
+			k.tokenSel, what, label, id)
 	}
 	common := func(class uint) []*pkcs11.Attribute {
 		t := []*pkcs11.Attribute{
@@ -990,12 +1075,30 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false))
-	if ktype != ckkECMontgomery {
-		// A Montgomery key cannot sign anyway, and some tokens reject
-		// CKA_SIGN on it; an EC or (SoftHSM's) Edwards key must not sign.
-		privT = append(privT, pkcs11.NewAttribute(pkcs11.CKA_SIGN, false))
+	// Usable only for derivation: a token's defaults may allow more (SoftHSM
+	// 2.6 sets CKA_DECRYPT and CKA_UNWRAP on EC keys), and a key that can
+	// also sign or decrypt is a key that other software on the host can be
+	// talked into using for something else.
+	var onlyDerive []*pkcs11.Attribute
+	for _, a := range []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_UNWRAP, pkcs11.CKA_SIGN, pkcs11.CKA_SIGN_RECOVER} {
+		onlyDerive = append(onlyDerive, pkcs11.NewAttribute(a, false))
 	}
-	pubH, privH, err := ctx.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
+	var pubOnly []*pkcs11.Attribute
+	for _, a := range []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_WRAP, pkcs11.CKA_VERIFY, pkcs11.CKA_VERIFY_RECOVER} {
+		pubOnly = append(pubOnly, pkcs11.NewAttribute(a, false))
+	}
+	gen := []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}
+	pubH, privH, err := ctx.GenerateKeyPair(s, gen, append(pubT, pubOnly...), append(privT, onlyDerive...))
+	if rv, _ := rvOf(err); templateCodes[rv] {
+		// Some tokens refuse attributes that do not apply to the key type
+		// (CKA_SIGN on a Montgomery key, say): generate with the basic
+		// template; the key is then restricted only as far as the token's
+		// defaults go.
+		pubH, privH, err = ctx.GenerateKeyPair(s, gen, pubT, privT)
+	}
+	if rv, _ := rvOf(err); bytes.Equal(params, oidX25519NSS) && (rv == pkcs11.CKR_DOMAIN_PARAMS_INVALID || rv == pkcs11.CKR_CURVE_NOT_SUPPORTED) {
+		return foundKey{}, p11err(ErrPKCS11Unsupported, call("C_GenerateKeyPair", err), "token %s cannot generate x25519 keys; try curve p256", k.tokenSel)
+	}
 	if err != nil {
 		return foundKey{}, p11err(nil, call("C_GenerateKeyPair", err), "generating a %v key on token %s", c, k.tokenSel)
 	}
