@@ -39,9 +39,11 @@ on the phone to confirm the key arrived intact.
 
 With -o the private key goes to a new file with mode 0600; keygen never
 overwrites an existing file. With --pkcs11 the key is generated inside the
-token and never leaves it; the token, key label and PIN come from the flags or
-from $NOISETOR_PKCS11_MODULE, $NOISETOR_PKCS11_TOKEN, $NOISETOR_PKCS11_KEY and
-$NOISETOR_PKCS11_PIN.
+token and never leaves it; the token, key label, PIN and curve come from the
+flags or from $NOISETOR_PKCS11_MODULE, $NOISETOR_PKCS11_TOKEN,
+$NOISETOR_PKCS11_KEY, $NOISETOR_PKCS11_PIN_FILE (or $NOISETOR_PKCS11_PIN) and
+$NOISETOR_PKCS11_CURVE, flags first. A token that needs no login takes no PIN.
+NSS databases need $NOISETOR_PKCS11_INIT_PARAMS (see the README).
 
 The name defaults to the key file's name without its extension, or to the
 token key's label. Use p256 only for tokens without X25519 (YubiHSM 2,
@@ -68,7 +70,7 @@ func parseCurveFlag(s string) (noisetor.Curve, error) {
 	return 0, usagef("unknown curve %s (want x25519 or p256)", echoArg(s))
 }
 
-func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
+func runKeygen(e *env, fs *flag.FlagSet, opts any, args []string) error {
 	o := opts.(*keygenOptions)
 	if err := wantArgs(args, 0, 0, ""); err != nil {
 		return err
@@ -91,7 +93,11 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		if err != nil {
 			return err
 		}
-		cfg.Curve = c
+		// $NOISETOR_PKCS11_CURVE applies unless --curve is given: the
+		// flag's default must not override it.
+		if flagSet(fs, "curve") || cfg.Curve == 0 {
+			cfg.Curve = c
+		}
 		if name == "" {
 			name = cfg.KeyLabel
 		}
@@ -100,7 +106,7 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		if err := checkPeerLine(name, o.addr); err != nil {
 			return err
 		}
-		key, err := noisetor.GeneratePKCS11Key(cfg)
+		key, err := openPKCS11(cfg, true)
 		if err != nil {
 			return err
 		}
@@ -137,6 +143,13 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	fmt.Fprintf(e.stderr, "noisetor keygen: %s\n", where)
 	fmt.Fprintf(e.stderr, "noisetor keygen: fingerprint of %s, to read aloud: %s\n", name, pub.Fingerprint())
 	return nil
+}
+
+// flagSet reports whether the flag name was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // ceremonyLine is a peer's keyring line: what one operator hands the others.
