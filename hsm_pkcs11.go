@@ -62,7 +62,7 @@ func (e *pkcs11Err) text() string {
 	case errors.As(e.cause, &inner) && inner == e.cause:
 		return e.msg + ": " + inner.text()
 	}
-	return e.msg + ": " + e.cause.Error()
+	return e.msg + ": " + strings.TrimPrefix(e.cause.Error(), "noisetor: ")
 }
 
 func (e *pkcs11Err) Unwrap() []error {

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -324,24 +323,24 @@ func (k *Keyring) Save(path string) (err error) {
 	return nil
 }
 
-// LoadKeyring reads a keyring file (see ParseKeyring). It refuses a file that
-// group or others may write, since whoever can write the keyring can add a
-// peer, and a file larger than 1 MiB.
+// LoadKeyring reads a keyring file (see ParseKeyring), and a file larger
+// than 1 MiB is refused. Whoever can write the keyring can add a peer, so,
+// like LoadPrivateKey, it checks the file as ssh does: a regular file owned
+// by this process's user or root, that group and others may read but not
+// write, in directories that only this user or root may write (see
+// LoadPrivateKey). The error for a failed check is a *KeyringError that
+// matches ErrUnsafeFile and fs.ErrPermission and says which check failed
+// and the fix.
 func LoadKeyring(path string) (*Keyring, error) {
-	f, err := os.Open(path)
+	f, err := openChecked(path, trustFile)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
+		var ue *unsafeFileError
+		if errors.As(err, &ue) {
+			return nil, &KeyringError{Path: path, Err: &peerError{ue, strings.TrimPrefix(ue.Error(), "noisetor: ")}}
+		}
+		return nil, fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
-	}
-	if st.Mode().IsRegular() && st.Mode().Perm()&0o022 != 0 {
-		return nil, &KeyringError{Path: path, Err: fmt.Errorf(
-			"%w: mode %v lets group or others write it, and so add peers (chmod 644 %s)",
-			fs.ErrPermission, st.Mode().Perm(), path)}
-	}
 	return parseKeyring(path, f)
 }
 

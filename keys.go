@@ -391,13 +391,22 @@ func ParsePrivateKey(text []byte) (*PrivateKey, error) {
 	return NewPrivateKey(c, scalar)
 }
 
-// ErrKeyFilePermissions is returned when a private key file may be read by
-// users other than its owner.
-var ErrKeyFilePermissions = errors.New("noisetor: private key file is readable by group or others")
+// ErrKeyFilePermissions is matched (with errors.Is) by every error about a
+// secret file (a private key, PIN or Tor key file) that others may read or
+// replace: its mode lets group or others access it, it is owned by another
+// user, it is not a regular file, or a directory above it is not safe (see
+// LoadPrivateKey). These errors match ErrUnsafeFile too.
+var ErrKeyFilePermissions = errors.New("noisetor: secret file is not private")
 
-// LoadPrivateKey reads a private key file written by SavePrivateKey. It refuses
-// a file that group or others may read or write (like ssh), so a key that has
-// been exposed is not used silently.
+// LoadPrivateKey reads a private key file written by SavePrivateKey. Like ssh,
+// it refuses a file that group or others may read or write, so a key that has
+// been exposed is not used silently; and one that someone else could have
+// put there: the file must be a regular file owned by this process's user (or
+// root), and every directory above it owned by this user or root and not
+// writable by group or others (a sticky directory such as /tmp is accepted
+// when the entry in it is this user's). A symbolic link on the way must be
+// this user's or root's. The error says which check failed and the fix; it
+// matches ErrKeyFilePermissions and ErrUnsafeFile.
 func LoadPrivateKey(path string) (*PrivateKey, error) {
 	text, err := readPrivateFile(path)
 	if err != nil {
@@ -416,21 +425,14 @@ func SavePrivateKey(path string, k *PrivateKey) error {
 	return writePrivateFile(path, k.MarshalPrivateText())
 }
 
-// readPrivateFile reads a small secret file, refusing one that group or
-// others may access.
+// readPrivateFile reads a small secret file after the checks of
+// LoadPrivateKey (openChecked).
 func readPrivateFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := openChecked(path, secretFile)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
+		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
-	}
 	b, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)
