@@ -30,6 +30,16 @@ import (
 // is initialised, and the module is finalised whenever the last key using it
 // is closed. So every test must Close all its keys (hsmCleanup does).
 
+// PIN files get the file checks of TestFileChecks.
+func init() {
+	extraFileLoaders = append(extraFileLoaders, fileLoader{"PIN file", secretFile,
+		func(*testing.T) []byte { return []byte("1234\n") },
+		func(p string) error {
+			_, err := (&PKCS11Config{Module: "/nonexistent.so", TokenLabel: "t", KeyLabel: "k", PINFile: p}).check(false)
+			return err
+		}})
+}
+
 const (
 	hsmPIN   = "8fS1-test-pin"
 	hsmSOPIN = "so-3141"

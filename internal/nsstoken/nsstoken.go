@@ -1,3 +1,5 @@
+//go:build cgo
+
 // Package nsstoken creates throw-away NSS softokn databases for tests: the
 // PKCS#11 module of Mozilla's NSS (libsoftokn3.so, Debian package libnss3)
 // over a new key database in a directory of its own, never the user's.
