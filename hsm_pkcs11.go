@@ -494,24 +494,31 @@ type pkcs11Key struct {
 const pkcs11RetryInterval = time.Second
 
 // OpenPKCS11Key opens an existing key on a token. The key must be an X25519
-// key (CKK_EC_MONTGOMERY, or SoftHSM's CKK_EC_EDWARDS with the X25519 curve)
-// or a P-256 key (CKK_EC, prime256v1); it must allow derivation
-// (CKA_DERIVE) and must not be extractable. OpenPKCS11Key checks that the
-// public key it finds belongs to the private key by computing DH with the
-// curve's base point on the token.
+// key (CKK_EC_MONTGOMERY; SoftHSM's CKK_EC_EDWARDS with the X25519 curve; or
+// NSS's CKK_EC with the OID 1.3.6.1.4.1.11591.15.1) or a P-256 key (CKK_EC,
+// prime256v1); it must allow derivation (CKA_DERIVE), be sensitive and not
+// be extractable, or the error matches ErrPKCS11KeyPolicy. OpenPKCS11Key
+// checks that the public key it finds belongs to the private key by
+// computing DH with the curve's base point on the token; a token that has no
+// ECDH for the key fails that with ErrPKCS11Unsupported.
 func OpenPKCS11Key(cfg *PKCS11Config) (*PKCS11Key, error) {
 	return openPKCS11(cfg, false)
 }
 
 // GeneratePKCS11Key makes a new key pair on the token and opens it: a
 // private key that is sensitive, not extractable, usable only for
-// derivation, and stored on the token (CKA_TOKEN), plus its public key object
-// with the same CKA_ID and CKA_LABEL. It refuses to make a second key with the
-// label or ID of an existing one (the error matches fs.ErrExist).
+// derivation (CKA_DERIVE true; CKA_SIGN, CKA_SIGN_RECOVER, CKA_DECRYPT and
+// CKA_UNWRAP false, and a public key that cannot encrypt, wrap or verify),
+// and stored on the token (CKA_TOKEN), plus its public key object with the
+// same CKA_ID and CKA_LABEL. A token that refuses those usage attributes for
+// the key type gets the template without them, and its defaults decide. It
+// refuses to make a second key with the label or ID of an existing one (the
+// error matches fs.ErrExist and names the existing key).
 //
 // X25519 keys use CKM_EC_MONTGOMERY_KEY_PAIR_GEN (PKCS#11 3.0) when the token
-// has it, and otherwise CKM_EC_EDWARDS_KEY_PAIR_GEN with the X25519 curve,
-// which is how SoftHSM 2.5 and 2.6 make X25519 keys. Tokens with neither
+// has it, else CKM_EC_EDWARDS_KEY_PAIR_GEN with the X25519 curve (how
+// SoftHSM 2.5 and 2.6 make X25519 keys), else CKM_EC_KEY_PAIR_GEN with NSS's
+// Curve25519 OID (how NSS before 3.110 does). Tokens that take none of them
 // fail with ErrPKCS11Unsupported: use P256 there.
 func GeneratePKCS11Key(cfg *PKCS11Config) (*PKCS11Key, error) {
 	return openPKCS11(cfg, true)
