@@ -253,7 +253,8 @@ A private key file is read only to compute its public key.`,
 func fingerprintOf(arg string) (fp, what string, err error) {
 	// A secret pasted where a public key or file name belongs: say so, and
 	// never echo it (the file-not-found error below would).
-	if strings.Contains(strings.ToUpper(arg), "NOISETOR-") {
+	if upper := strings.ToUpper(arg); strings.Contains(upper, "NOISETOR-PRIVATE-KEY-") ||
+		strings.Contains(upper, "NOISETOR-ONION-KEY-") || strings.Contains(upper, "NOISETOR-TOR-CLIENT-AUTH-") {
 		return "", "", errors.New("the argument is a noisetor secret key, not a public key or a file name; it is not shown. " +
 			"Never paste a private key: it is now in your shell history, so treat it as exposed")
 	}
@@ -265,11 +266,13 @@ func fingerprintOf(arg string) (fp, what string, err error) {
 		return pub.Fingerprint(), "fingerprint of the public key", nil
 	}
 	text, err := readLimited(arg, 1<<20)
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		// The argument is not quoted: it is not a file that can be read
+		// nor a public key, and may be a secret.
+		return "", "", fmt.Errorf("cannot read the argument as a file (%v), and it is not a public key (those look like x25519:...)", pe.Err)
+	}
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			// Not quoted: it is neither a file nor a key, and may be a secret.
-			return "", "", errors.New("no such file, and not a public key (those look like x25519:...)")
-		}
 		return "", "", err
 	}
 	trimmed := bytes.TrimSpace(text)

@@ -604,6 +604,7 @@ func TestErrorsDoNotEchoSecrets(t *testing.T) {
 		{"keyring", "remove", ring, pin},
 		{"pubkey", keyFile, pin},
 		{"fingerprint", ring, pin},
+		{"fingerprint", secret + strings.Repeat("A", 300)}, // "file name too long" names the file
 	} {
 		r := cli(t, "", args...)
 		if r.code == exitOK {
@@ -619,6 +620,11 @@ func TestErrorsDoNotEchoSecrets(t *testing.T) {
 	}
 	r := cli(t, "", "fingerprint", priv)
 	r.want(t, exitFail, "secret key")
+	// A path that merely contains "noisetor-" is a path.
+	d := filepath.Join(dir, "noisetor-demo-x")
+	os.Mkdir(d, 0o700)
+	cli(t, "a "+pub+"\n", "keyring", "add", filepath.Join(d, "ring"), "-").want(t, exitOK, "")
+	cli(t, "", "fingerprint", filepath.Join(d, "ring")).want(t, exitOK, "fingerprint of keyring")
 }
 
 // The NOISETOR_PKCS11_* environment and the --pkcs11-* flags combine:
