@@ -150,7 +150,7 @@ func runCommand(e *env, c *command, args []string) int {
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(e.stderr, "noisetor %s: %v\nRun 'noisetor %s --help' for usage.\n", c.name, err, c.name)
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, scrubSecrets(err.Error(), args), c.name)
 		return exitUsage
 	}
 	err = c.run(e, fs, opts, pos)
@@ -159,12 +159,57 @@ func runCommand(e *env, c *command, args []string) int {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &ue):
-		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, ue.msg, c.name)
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, scrubSecrets(ue.msg, args), c.name)
 		return exitUsage
 	default:
-		fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, errorText(err))
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, scrubSecrets(errorText(err), args))
 		return exitFail
 	}
+}
+
+// scrubSecrets removes from an error message every command-line argument
+// (or flag value) that looks like a pasted secret and is not the name of an
+// existing file: errors that quote a file name ("open <name>: no such
+// file") would otherwise echo a private key given where a file belongs.
+// Looks like a secret: a noisetor secret-key text, or 16 or more
+// characters of the base64 alphabets with upper and lower case and digits.
+func scrubSecrets(msg string, args []string) string {
+	for _, a := range args {
+		if _, err := os.Lstat(a); err == nil {
+			continue
+		}
+		// The whole argument, and its pieces: a flag's value after '=',
+		// the parts around ':' (a key text), without leading dashes.
+		pieces := append([]string{a}, strings.FieldsFunc(a, func(r rune) bool { return r == '=' || r == ':' })...)
+		for _, v := range pieces {
+			v = strings.TrimLeft(v, "-")
+			if len(v) >= 16 && looksSecret(v) {
+				msg = strings.ReplaceAll(msg, v, "(not shown: it may be a secret)")
+			}
+		}
+	}
+	return msg
+}
+
+func looksSecret(s string) bool {
+	if u := strings.ToUpper(s); strings.Contains(u, "NOISETOR-") && strings.Contains(u, "KEY") {
+		return true
+	}
+	var up, low, dig bool
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case 'A' <= c && c <= 'Z':
+			up = true
+		case 'a' <= c && c <= 'z':
+			low = true
+		case '0' <= c && c <= '9':
+			dig = true
+		case c == '-' || c == '_' || c == '+' || c == '/' || c == '=':
+		default:
+			return false
+		}
+	}
+	return up && low && dig
 }
 
 // errorText is err's message without the package prefix, which the command

@@ -605,6 +605,14 @@ func TestErrorsDoNotEchoSecrets(t *testing.T) {
 		{"pubkey", keyFile, pin},
 		{"fingerprint", ring, pin},
 		{"fingerprint", secret + strings.Repeat("A", 300)}, // "file name too long" names the file
+		{"pubkey", secret},
+		{"pubkey", priv},
+		{"keyring", "list", secret},
+		{"keyring", "check", secret},
+		{"serve", "-k", secret, "-r", ring},
+		{"connect", "-k=" + secret, "-r", ring, "--peer", "a", "127.0.0.1:1"},
+		{"connect", "-k", keyFile, "-r", secret, "--peer", "a", "127.0.0.1:1"},
+		{"keygen", "--curve=" + secret},
 	} {
 		r := cli(t, "", args...)
 		if r.code == exitOK {
