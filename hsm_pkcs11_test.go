@@ -825,6 +825,35 @@ func TestPKCS11NoECDHIsUnsupported(t *testing.T) {
 	}
 }
 
+// A token without ECDH (here SoftHSM allowed only key generation, as
+// tpm2-pkcs11 and p11-kit remoting lack it) holding a good key: the
+// base-point probe fails with CKR_MECHANISM_INVALID, which is
+// ErrPKCS11Unsupported, and so is generating a key there.
+func TestPKCS11TokenWithoutECDH(t *testing.T) {
+	st, toks := hsmStore(t, "noecdh")
+	for _, c := range hsmCurves() {
+		cfg := hsmCfg(st, toks["noecdh"], "k-"+c.String())
+		cfg.Curve = c
+		hsmGenerate(t, cfg).Close()
+	}
+	conf, err := st.WriteConf("no-ecdh.conf", "slots.mechanisms = CKM_EC_KEY_PAIR_GEN,CKM_EC_EDWARDS_KEY_PAIR_GEN,CKM_SHA256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SOFTHSM2_CONF", conf)
+	for _, c := range hsmCurves() {
+		_, err := OpenPKCS11Key(hsmCfg(st, toks["noecdh"], "k-"+c.String()))
+		if !errors.Is(err, ErrPKCS11Unsupported) || !isRV(err, pkcs11.CKR_MECHANISM_INVALID) ||
+			!strings.Contains(err.Error(), "cannot do ECDH") {
+			t.Fatalf("%v key on a token without ECDH: %v", c, err)
+		}
+		t.Logf("%v: %v", c, err)
+	}
+	if _, err := GeneratePKCS11Key(hsmCfg(st, toks["noecdh"], "new")); !errors.Is(err, ErrPKCS11Unsupported) {
+		t.Fatalf("generating on a token without ECDH: %v", err)
+	}
+}
+
 // Two tokens with the same label: the advice is to add the serial, and the
 // message lists the serials to choose from.
 func TestPKCS11AmbiguousToken(t *testing.T) {
