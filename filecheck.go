@@ -69,10 +69,16 @@ func unsafeFile(kind fileKind, format string, args ...any) error {
 // cannot hang the caller. Errors match ErrUnsafeFile and say which check
 // failed and how to fix it.
 func openChecked(path string, kind fileKind) (*os.File, error) {
-	if err := checkPath(path, kind); err != nil {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	if err := checkPath(path, abs, kind); err != nil {
 		return nil, err
 	}
-	f, err := openNonBlocking(path)
+	// Open the cleaned path that was checked: the kernel resolves "x/.."
+	// after a symbolic link x differently from filepath.Clean.
+	f, err := openNonBlocking(abs)
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: %w", err)
 	}
@@ -124,13 +130,9 @@ func describeType(m fs.FileMode) string {
 	return "not a plain file"
 }
 
-// checkPath checks the symbolic link (if path is one) and the directories
-// above path, both as given and resolved.
-func checkPath(path string, kind fileKind) error {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return fmt.Errorf("noisetor: %w", err)
-	}
+// checkPath checks the symbolic link (if abs, the absolute form of path, is
+// one) and the directories above abs, both as given and resolved.
+func checkPath(path, abs string, kind fileKind) error {
 	chains := [][]string{ancestry(abs)}
 	if real, err := filepath.EvalSymlinks(abs); err == nil && real != abs {
 		chains = append(chains, ancestry(real))
