@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -132,6 +133,97 @@ func FuzzHandshakeMessages(f *testing.F) {
 		}
 		if errors.Is(err, ErrFrame) {
 			t.Fatalf("unexpected error class: %v", err)
+		}
+	})
+}
+
+// secretShaped reports whether s looks like a secret that an operator could
+// paste into the wrong place: at least 20 characters of the base64url
+// alphabet with upper and lower case letters and digits (a private key, an
+// onion or client-auth key, a long PIN). No English error text has such a run.
+func secretShaped(s string) bool {
+	if len(s) < 20 {
+		return false
+	}
+	var up, low, dig bool
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case 'A' <= c && c <= 'Z':
+			up = true
+		case 'a' <= c && c <= 'z':
+			low = true
+		case '0' <= c && c <= '9':
+			dig = true
+		case c == '-' || c == '_':
+		default:
+			return false
+		}
+	}
+	return up && low && dig
+}
+
+// FuzzErrorsDoNotEchoSecrets puts a secret-shaped string into every field
+// of every key and keyring parser and checks that no error quotes it, in
+// any letter case, whole or its first 20 characters (WIRE.md §11.2.4: errors
+// quote only values that passed validation).
+func FuzzErrorsDoNotEchoSecrets(f *testing.F) {
+	for _, s := range []string{
+		"pOCSkrZRwni5dyxWn1-puxPZBrRqtoyd-dwrRAn4ogk",
+		"CO7E72XK6ICMP7JTLD6JYADSDCA5C5BHQEUCE7WGOTZX677JPNWQ",
+		"Xf7dO2vUf2-ijuFdlp1bsOpTd01Ii9r53xxuASSz7yI",
+		"abcdEFGH0123ijklMNOP4567",
+	} {
+		f.Add(s)
+	}
+	bob := mustParseKey(f, keyBob)
+	f.Fuzz(func(t *testing.T, s string) {
+		if !secretShaped(s) {
+			return
+		}
+		check := func(what string, err error) {
+			t.Helper()
+			if err == nil {
+				return
+			}
+			msg := strings.ToLower(err.Error())
+			for _, part := range []string{s, s[:20]} {
+				if secretShaped(part) && strings.Contains(msg, strings.ToLower(part)) {
+					t.Fatalf("%s: error quotes the secret-shaped input %q: %v", what, s, err)
+				}
+			}
+		}
+		for _, in := range []string{s, s + ":" + s, "x25519:" + s, "p256:" + s, ":" + s, s + ":",
+			"NOISETOR-PRIVATE-KEY-X25519:" + s, " " + s} {
+			_, err := ParsePublicKey(in)
+			check("ParsePublicKey", err)
+			var k PublicKey
+			check("UnmarshalText", k.UnmarshalText([]byte(in)))
+		}
+		for _, in := range []string{s, "x25519:" + s, "NOISETOR-PRIVATE-KEY-" + s + ":" + s,
+			"NOISETOR-PRIVATE-KEY-X25519:" + s, "NOISETOR-PRIVATE-KEY-P256:" + s, "NOISETOR-PRIVATE-KEY-" + s} {
+			_, err := ParsePrivateKey([]byte(in))
+			check("ParsePrivateKey", err)
+		}
+		lower := strings.ToLower(s)
+		for _, line := range []string{
+			s + " " + keyBob, "bob " + s, "bob " + s + ":" + s, "bob x25519:" + s, "bob p256:" + s,
+			"bob " + keyBob + " " + s, "bob " + keyBob + " " + s + "=1", "bob " + keyBob + " " + lower + "=1",
+			"bob " + keyBob + " foo=" + s, "bob " + keyBob + " addr=" + s, "bob " + keyBob + " addr=" + s + ":80",
+			"bob " + keyBob + " addr=" + lower + ":80", "bob " + keyBob + " addr=" + lower + ".onion:80",
+			"bob " + keyBob + " addr=a:" + s, "bob " + keyBob + " addr=[" + s + "]:80",
+			"bob " + keyBob + " auth=" + s, "bob " + keyBob + " auth=descriptor:x25519:" + s,
+			"bob " + keyBob + " auth=" + s + ":descriptor:x25519:" + s, "bob " + keyBob + " auth=" + s + ":" + s,
+		} {
+			_, err := ParseKeyring(strings.NewReader(line + "\n"))
+			check("ParseKeyring "+line, err)
+		}
+		for _, p := range []Peer{
+			{Name: s, PublicKey: bob}, {Name: lower, PublicKey: bob},
+			{Name: "bob", PublicKey: bob, Address: s}, {Name: "bob", PublicKey: bob, Address: s + ":1"},
+			{Name: "bob", PublicKey: bob, Address: lower + ":1"}, {Name: "bob", PublicKey: bob, ClientAuth: s},
+		} {
+			_, err := NewKeyring(p)
+			check("NewKeyring", err)
 		}
 	})
 }

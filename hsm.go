@@ -23,9 +23,14 @@ var (
 	// ErrPKCS11Unavailable: the token or its session went away (removed,
 	// reinitialised, device error). Later operations try to reconnect.
 	ErrPKCS11Unavailable = errors.New("noisetor: pkcs11: token unavailable")
-	// ErrPKCS11Unsupported: the key type, curve or token is not supported,
-	// or this binary was built without cgo.
+	// ErrPKCS11Unsupported: the key type, curve or token is not supported
+	// (a token without ECDH, such as tpm2-pkcs11, or behind p11-kit
+	// remoting), or this binary was built without cgo.
 	ErrPKCS11Unsupported = errors.New("noisetor: pkcs11: not supported")
+	// ErrPKCS11KeyPolicy: the key exists but its attributes are refused: it
+	// is extractable or not sensitive (it could be read out of the token),
+	// or it does not allow derivation (CKA_DERIVE). Make a new key.
+	ErrPKCS11KeyPolicy = errors.New("noisetor: pkcs11: key attributes refused")
 	// ErrPKCS11Closed: the key has been closed.
 	ErrPKCS11Closed = errors.New("noisetor: pkcs11: key is closed")
 )
@@ -61,7 +66,12 @@ type PKCS11Config struct {
 	// instead; like a private key file, it must not be readable by group or
 	// others. Set at most one. With neither, the token is not logged in to,
 	// which works only for tokens that need no login.
-	PIN     string
+	//
+	// PIN is not marshalled to JSON, and the print methods below hide it.
+	// But fmt cannot call those methods on a PKCS11Config (or a pointer to
+	// one) in an unexported field of another struct, and then prints its
+	// fields, PIN included; %p and %w do the same. Prefer PINFile.
+	PIN     string `json:"-"`
 	PINFile string
 
 	// Curve is the curve of a new key for GeneratePKCS11Key (default
@@ -71,6 +81,15 @@ type PKCS11Config struct {
 	// MaxSessions bounds the token sessions used for DH at once, and so the
 	// DH operations in flight on the token. Default: 4.
 	MaxSessions int
+
+	// InitParams, when set, is passed to C_Initialize as the pReserved
+	// member of CK_C_INITIALIZE_ARGS, a NUL-terminated string. NSS softokn
+	// needs it (it fails with CKR_ARGUMENTS_BAD otherwise), for example
+	// "configdir='sql:/etc/noisetor/nssdb' certPrefix='' keyPrefix=''
+	// secmod='secmod.db' flags=". Other modules ignore it or want it empty.
+	// A module is initialised once per process: every key of one module
+	// must use the same InitParams.
+	InitParams string
 }
 
 // String describes the configuration without the PIN.
@@ -79,8 +98,8 @@ func (c PKCS11Config) String() string {
 	if c.PIN != "" {
 		pin = "set"
 	}
-	return fmt.Sprintf("PKCS11Config{Module:%q TokenLabel:%q TokenSerial:%q KeyLabel:%q KeyID:%x PIN:<%s> PINFile:%q Curve:%v MaxSessions:%d}",
-		c.Module, c.TokenLabel, c.TokenSerial, c.KeyLabel, c.KeyID, pin, c.PINFile, c.Curve, c.MaxSessions)
+	return fmt.Sprintf("PKCS11Config{Module:%q TokenLabel:%q TokenSerial:%q KeyLabel:%q KeyID:%x PIN:<%s> PINFile:%q Curve:%v MaxSessions:%d InitParams:%q}",
+		c.Module, c.TokenLabel, c.TokenSerial, c.KeyLabel, c.KeyID, pin, c.PINFile, c.Curve, c.MaxSessions, c.InitParams)
 }
 
 // GoString is String, so %#v does not show the PIN either.
@@ -103,4 +122,5 @@ const (
 	EnvPKCS11PINFile     = "NOISETOR_PKCS11_PIN_FILE"
 	EnvPKCS11Curve       = "NOISETOR_PKCS11_CURVE" // x25519 or p256
 	EnvPKCS11MaxSessions = "NOISETOR_PKCS11_MAX_SESSIONS"
+	EnvPKCS11InitParams  = "NOISETOR_PKCS11_INIT_PARAMS" // PKCS11Config.InitParams (NSS)
 )

@@ -54,6 +54,6 @@ func (k *PKCS11Key) Label() string { return "" }
 func (k *PKCS11Key) Close() error { return nil }
 
 // String describes the key.
-func (k *PKCS11Key) String() string { return "noisetor.PKCS11Key(unavailable: built without cgo)" }
+func (k PKCS11Key) String() string { return "noisetor.PKCS11Key(unavailable: built without cgo)" }
 
 var _ StaticKey = (*PKCS11Key)(nil)

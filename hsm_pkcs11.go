@@ -13,13 +13,16 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/miekg/pkcs11"
 )
@@ -59,7 +62,7 @@ func (e *pkcs11Err) text() string {
 	case errors.As(e.cause, &inner) && inner == e.cause:
 		return e.msg + ": " + inner.text()
 	}
-	return e.msg + ": " + e.cause.Error()
+	return e.msg + ": " + strings.TrimPrefix(e.cause.Error(), "noisetor: ")
 }
 
 func (e *pkcs11Err) Unwrap() []error {
@@ -153,11 +156,23 @@ var paramCodes = map[uint]bool{
 	pkcs11.CKR_DOMAIN_PARAMS_INVALID:   true,
 }
 
+// templateCodes are the return values of C_GenerateKeyPair that mean a
+// template attribute is not accepted for this key type.
+var templateCodes = map[uint]bool{
+	pkcs11.CKR_ATTRIBUTE_TYPE_INVALID:  true,
+	pkcs11.CKR_ATTRIBUTE_VALUE_INVALID: true,
+	pkcs11.CKR_TEMPLATE_INCONSISTENT:   true,
+	pkcs11.CKR_ATTRIBUTE_READ_ONLY:     true,
+}
+
 const defaultPKCS11Sessions = 4
 
 // PKCS11ConfigFromEnv reads a PKCS11Config from the NOISETOR_PKCS11_*
 // environment variables. It returns nil, nil when none of them is set, so the
-// caller can fall back to a software key. Prefer NOISETOR_PKCS11_PIN_FILE to
+// caller can fall back to a software key, and an error naming the variable
+// when one is malformed. Variables that are not set leave their fields
+// empty, for the caller to fill in (a command-line flag, say); OpenPKCS11Key
+// reports what is still missing. Prefer NOISETOR_PKCS11_PIN_FILE to
 // NOISETOR_PKCS11_PIN: the environment is inherited by child processes and,
 // on many systems, readable by the same user through /proc.
 func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
@@ -176,6 +191,7 @@ func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
 		KeyLabel:    get(EnvPKCS11Key),
 		PIN:         get(EnvPKCS11PIN),
 		PINFile:     get(EnvPKCS11PINFile),
+		InitParams:  get(EnvPKCS11InitParams),
 	}
 	if v := get(EnvPKCS11KeyID); v != "" {
 		id, err := hex.DecodeString(strings.TrimPrefix(strings.ReplaceAll(v, ":", ""), "0x"))
@@ -200,9 +216,6 @@ func PKCS11ConfigFromEnv() (*PKCS11Config, error) {
 	}
 	if !any {
 		return nil, nil
-	}
-	if c.Module == "" {
-		return nil, p11err(nil, nil, "%s is not set", EnvPKCS11Module)
 	}
 	return c, nil
 }
@@ -256,6 +269,7 @@ func readPINFile(path string) (string, error) {
 // process-wide, and so is the login state of a token.
 type p11module struct {
 	path     string
+	params   string // PKCS11Config.InitParams
 	ctx      *pkcs11.Ctx
 	refs     int  // guarded by p11modules
 	finalize bool // we called C_Initialize; guarded by p11modules
@@ -276,9 +290,9 @@ var p11modules = struct {
 	m map[string]*p11module
 }{m: map[string]*p11module{}}
 
-// acquireModule loads and initialises the module at path, or takes another
-// reference to it.
-func acquireModule(path string) (*p11module, error) {
+// acquireModule loads and initialises the module at path, passing params
+// (PKCS11Config.InitParams) to C_Initialize, or takes another reference to it.
+func acquireModule(path, params string) (*p11module, error) {
 	key := path
 	if strings.ContainsRune(path, os.PathSeparator) {
 		// Resolve symlinks so that two spellings share one registry entry
@@ -295,6 +309,11 @@ func acquireModule(path string) (*p11module, error) {
 	p11modules.Lock()
 	defer p11modules.Unlock()
 	if m := p11modules.m[key]; m != nil {
+		if m.params != params {
+			// One C_Initialize per process: the second configuration
+			// would silently get the first one's database.
+			return nil, p11err(nil, nil, "PKCS#11 module %s is already in use in this process with other InitParams", path)
+		}
 		m.refs++
 		return m, nil
 	}
@@ -302,12 +321,15 @@ func acquireModule(path string) (*p11module, error) {
 	if ctx == nil {
 		return nil, p11err(ErrPKCS11NotFound, nil, "cannot load %s as a PKCS#11 module (not a shared library with C_GetFunctionList, or for another architecture)", path)
 	}
-	m := &p11module{path: path, ctx: ctx, refs: 1, finalize: true, logins: map[string]*p11login{}}
-	if err := ctx.Initialize(); err != nil {
+	m := &p11module{path: path, params: params, ctx: ctx, refs: 1, finalize: true, logins: map[string]*p11login{}}
+	if err := m.initialize(); err != nil {
 		if !isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 			ctx.Destroy()
+			if isRV(err, pkcs11.CKR_ARGUMENTS_BAD) && params == "" {
+				return nil, p11err(nil, err, "initialising module %s (NSS softokn needs its parameters: PKCS11Config.InitParams, %s)", path, EnvPKCS11InitParams)
+			}
 			// SoftHSM reports a missing or broken SOFTHSM2_CONF as CKR_GENERAL_ERROR.
-			return nil, p11err(nil, call("C_Initialize", err), "initialising module %s", path)
+			return nil, p11err(nil, err, "initialising module %s", path)
 		}
 		// Someone else in this process (crypto11, say) initialised it: share
 		// it and leave C_Finalize to them.
@@ -335,11 +357,26 @@ func (m *p11module) release() {
 	m.ctx.Destroy() // after this any call on m.ctx is a SIGSEGV
 }
 
+// initialize calls C_Initialize with the module's parameters (OS locking,
+// and pReserved for NSS).
+func (m *p11module) initialize() error {
+	if m.params == "" {
+		return call("C_Initialize", m.ctx.Initialize())
+	}
+	// A NUL-terminated copy in Go memory: it holds no Go pointers, is
+	// pinned for the duration of the call, and NSS parses it during
+	// C_Initialize without keeping it.
+	p := append([]byte(m.params), 0)
+	err := m.ctx.Initialize(pkcs11.InitializeWithReserved(unsafe.Pointer(&p[0])))
+	runtime.KeepAlive(p)
+	return call("C_Initialize", err)
+}
+
 // reinitialize calls C_Initialize again after someone else finalised the module.
 func (m *p11module) reinitialize() error {
 	p11modules.Lock()
 	defer p11modules.Unlock()
-	err := m.ctx.Initialize()
+	err := m.initialize()
 	if err == nil {
 		m.finalize = true
 		return nil
@@ -347,7 +384,7 @@ func (m *p11module) reinitialize() error {
 	if isRV(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return nil
 	}
-	return call("C_Initialize", err)
+	return err
 }
 
 // login logs the process in to the token (one login covers every session of
@@ -406,9 +443,22 @@ func (m *p11module) logout(token string) {
 // Anyone who can use the token and knows the PIN can compute DH with this
 // key, and so act as this identity, for as long as they have access: a token
 // prevents theft of the key, not its use.
+//
+// Its String, GoString, Format and LogValue methods never show the PIN, for
+// a *PKCS11Key and a dereferenced PKCS11Key alike.
 type PKCS11Key struct {
-	mod      *p11module
-	pin      string // kept to log in again after the token comes back
+	// All state is behind a pointer, so that the print methods can have
+	// value receivers without copying locks: fmt would otherwise print a
+	// dereferenced key field by field, PIN included.
+	*pkcs11Key
+}
+
+type pkcs11Key struct {
+	mod *p11module
+	// pin is kept to log in again after the token comes back. It is behind
+	// a pointer (nil: no PIN) so that even fmt's field-by-field printing of
+	// a PKCS11Key shows only an address (see PrivateKey).
+	pin      *string
 	tokenSel string // "label \"x\"" or "serial y", for messages
 	tokenID  string // key of mod.logins
 	cfg      PKCS11Config
@@ -444,24 +494,31 @@ type PKCS11Key struct {
 const pkcs11RetryInterval = time.Second
 
 // OpenPKCS11Key opens an existing key on a token. The key must be an X25519
-// key (CKK_EC_MONTGOMERY, or SoftHSM's CKK_EC_EDWARDS with the X25519 curve)
-// or a P-256 key (CKK_EC, prime256v1); it must allow derivation
-// (CKA_DERIVE) and must not be extractable. OpenPKCS11Key checks that the
-// public key it finds belongs to the private key by computing DH with the
-// curve's base point on the token.
+// key (CKK_EC_MONTGOMERY; SoftHSM's CKK_EC_EDWARDS with the X25519 curve; or
+// NSS's CKK_EC with the OID 1.3.6.1.4.1.11591.15.1) or a P-256 key (CKK_EC,
+// prime256v1); it must allow derivation (CKA_DERIVE), be sensitive and not
+// be extractable, or the error matches ErrPKCS11KeyPolicy. OpenPKCS11Key
+// checks that the public key it finds belongs to the private key by
+// computing DH with the curve's base point on the token; a token that has no
+// ECDH for the key fails that with ErrPKCS11Unsupported.
 func OpenPKCS11Key(cfg *PKCS11Config) (*PKCS11Key, error) {
 	return openPKCS11(cfg, false)
 }
 
 // GeneratePKCS11Key makes a new key pair on the token and opens it: a
 // private key that is sensitive, not extractable, usable only for
-// derivation, and stored on the token (CKA_TOKEN), plus its public key object
-// with the same CKA_ID and CKA_LABEL. It refuses to make a second key with the
-// label or ID of an existing one (the error matches fs.ErrExist).
+// derivation (CKA_DERIVE true; CKA_SIGN, CKA_SIGN_RECOVER, CKA_DECRYPT and
+// CKA_UNWRAP false, and a public key that cannot encrypt, wrap or verify),
+// and stored on the token (CKA_TOKEN), plus its public key object with the
+// same CKA_ID and CKA_LABEL. A token that refuses those usage attributes for
+// the key type gets the template without them, and its defaults decide. It
+// refuses to make a second key with the label or ID of an existing one (the
+// error matches fs.ErrExist and names the existing key).
 //
 // X25519 keys use CKM_EC_MONTGOMERY_KEY_PAIR_GEN (PKCS#11 3.0) when the token
-// has it, and otherwise CKM_EC_EDWARDS_KEY_PAIR_GEN with the X25519 curve,
-// which is how SoftHSM 2.5 and 2.6 make X25519 keys. Tokens with neither
+// has it, else CKM_EC_EDWARDS_KEY_PAIR_GEN with the X25519 curve (how
+// SoftHSM 2.5 and 2.6 make X25519 keys), else CKM_EC_KEY_PAIR_GEN with NSS's
+// Curve25519 OID (how NSS before 3.110 does). Tokens that take none of them
 // fail with ErrPKCS11Unsupported: use P256 there.
 func GeneratePKCS11Key(cfg *PKCS11Config) (*PKCS11Key, error) {
 	return openPKCS11(cfg, true)
@@ -476,13 +533,15 @@ func openPKCS11(cfg *PKCS11Config, generate bool) (_ *PKCS11Key, err error) {
 	if n == 0 {
 		n = defaultPKCS11Sessions
 	}
-	k := &PKCS11Key{
-		pin:        pin,
+	k := &PKCS11Key{&pkcs11Key{
 		cfg:        *cfg,
 		id:         bytes.Clone(cfg.KeyID),
 		label:      cfg.KeyLabel,
 		sem:        make(chan struct{}, n),
 		retryEvery: pkcs11RetryInterval,
+	}}
+	if pin != "" {
+		k.pin = &pin
 	}
 	k.cfg.PIN, k.cfg.KeyID = "", nil
 	switch {
@@ -493,7 +552,7 @@ func openPKCS11(cfg *PKCS11Config, generate bool) (_ *PKCS11Key, err error) {
 	default:
 		k.tokenSel = fmt.Sprintf("serial %q", cfg.TokenSerial)
 	}
-	if k.mod, err = acquireModule(cfg.Module); err != nil {
+	if k.mod, err = acquireModule(cfg.Module, cfg.InitParams); err != nil {
 		return nil, err
 	}
 	loggedIn := false
@@ -563,7 +622,7 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 	}
 	var found []uint
 	var info pkcs11.TokenInfo
-	var present []string
+	var present, matching []string
 	for _, sl := range slots {
 		ti, err := ctx.GetTokenInfo(sl)
 		if err != nil || ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
@@ -574,6 +633,7 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 			(k.cfg.TokenSerial == "" || ti.SerialNumber == k.cfg.TokenSerial) {
 			found = append(found, sl)
 			info = ti
+			matching = append(matching, fmt.Sprintf("label %q serial %q", ti.Label, ti.SerialNumber))
 		}
 	}
 	switch len(found) {
@@ -586,7 +646,19 @@ func (k *PKCS11Key) findSlot() (uint, pkcs11.TokenInfo, error) {
 	case 1:
 		return found[0], info, nil
 	}
-	return 0, info, p11err(nil, nil, "%d tokens with %s in module %s; select one by serial", len(found), k.tokenSel, k.mod.path)
+	// Advise the selector that was not given; with both given, the tokens
+	// cannot be told apart by this API at all.
+	var advice string
+	switch {
+	case k.cfg.TokenSerial == "":
+		advice = "select one by serial as well (" + EnvPKCS11TokenSerial + ")"
+	case k.cfg.TokenLabel == "":
+		advice = "select one by label as well (" + EnvPKCS11Token + ")"
+	default:
+		advice = "they cannot be told apart: relabel one of them"
+	}
+	return 0, info, p11err(nil, nil, "%d tokens with %s in module %s (%s); %s",
+		len(found), k.tokenSel, k.mod.path, strings.Join(matching, ", "), advice)
 }
 
 func (k *PKCS11Key) keyDesc() string {
@@ -706,6 +778,11 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 		curve = X25519
 	case t == pkcs11.CKK_EC && oneOf(params, ecParamsP256):
 		curve = P256
+	case t == pkcs11.CKK_EC && bytes.Equal(params, oidX25519NSS):
+		// NSS before PKCS#11 3.0 support stores X25519 keys as CKK_EC
+		// with its own OID; the base-point check below proves that the
+		// token computes X25519 with it.
+		curve = X25519
 	case t == ckkECEdwards:
 		return fail(ErrPKCS11Unsupported, nil, "is an Edwards (signing) key, not an X25519 key (CKA_EC_PARAMS %x)", params)
 	default:
@@ -714,14 +791,14 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	if v, ok, err := attr(ctx, s, h, pkcs11.CKA_DERIVE); err != nil {
 		return fail(nil, err, "cannot read CKA_DERIVE")
 	} else if !ok || !ckBool(v) {
-		return fail(nil, nil, "does not allow key derivation (CKA_DERIVE is false), so it cannot do Diffie-Hellman; generate a key with derive permission")
+		return fail(ErrPKCS11KeyPolicy, nil, "does not allow key derivation (CKA_DERIVE is false), so it cannot do Diffie-Hellman; generate a key with derive permission")
 	}
 	// A key that can leave the token defeats the point of keeping it there.
 	if v, ok, _ := attr(ctx, s, h, pkcs11.CKA_EXTRACTABLE); ok && ckBool(v) {
-		return fail(nil, nil, "is extractable (CKA_EXTRACTABLE is true); refusing a private key that can be read out of the token")
+		return fail(ErrPKCS11KeyPolicy, nil, "is extractable (CKA_EXTRACTABLE is true); refusing a private key that can be read out of the token")
 	}
 	if v, ok, _ := attr(ctx, s, h, pkcs11.CKA_SENSITIVE); ok && !ckBool(v) {
-		return fail(nil, nil, "is not sensitive (CKA_SENSITIVE is false); refusing a private key that can be read out of the token")
+		return fail(ErrPKCS11KeyPolicy, nil, "is not sensitive (CKA_SENSITIVE is false); refusing a private key that can be read out of the token")
 	}
 	if len(f.id) == 0 {
 		f.id, _, _ = attr(ctx, s, h, pkcs11.CKA_ID)
@@ -761,6 +838,10 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	base := basePoint(curve)
 	fromBase, err := k.deriveRaw(s, h, curve, base)
 	if err != nil {
+		if noECDH(err) {
+			return fail(ErrPKCS11Unsupported, err, "the token cannot do ECDH (CKM_ECDH1_DERIVE) with this key; "+
+				"tpm2-pkcs11 and p11-kit remoting, for two, have none")
+		}
 		return fail(nil, err, "Diffie-Hellman with the base point failed")
 	}
 	var pub PublicKey
@@ -794,6 +875,20 @@ func (k *PKCS11Key) findKey(s pkcs11.SessionHandle) (foundKey, error) {
 	}
 	f.pub = pub
 	return f, nil
+}
+
+// noECDH reports whether err, from C_DeriveKey, says that the token has no
+// ECDH at all for the key, rather than that this one call failed.
+func noECDH(err error) bool {
+	var pe *PKCS11Error
+	if !errors.As(err, &pe) || pe.Func != "C_DeriveKey" {
+		return false
+	}
+	switch pe.Code {
+	case pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_KEY_TYPE_INCONSISTENT:
+		return true
+	}
+	return false
 }
 
 // basePoint returns the curve's generator in the encoding C_DeriveKey takes.
@@ -924,6 +1019,10 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		mech, ktype, params = ckmECMontgomeryKeyPairGen, ckkECMontgomery, oidX25519
 	case c == X25519 && has[ckmECEdwardsKeyPairGen]:
 		mech, ktype, params = ckmECEdwardsKeyPairGen, ckkECEdwards, oidX25519
+	case c == X25519 && has[pkcs11.CKM_EC_KEY_PAIR_GEN]:
+		// NSS without PKCS#11 3.0 mechanisms makes Curve25519 keys as
+		// CKK_EC keys with its own OID; other tokens refuse the OID.
+		mech, ktype, params = pkcs11.CKM_EC_KEY_PAIR_GEN, pkcs11.CKK_EC, oidX25519NSS
 	default:
 		return foundKey{}, p11err(ErrPKCS11Unsupported, nil, "token %s cannot generate %v keys; try curve p256", k.tokenSel, c)
 	}
@@ -939,6 +1038,7 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 	}
 	defer ctx.CloseSession(s)
 	// Refuse duplicates: two keys under one name make OpenPKCS11Key ambiguous.
+	// The message names the key that is there, not the new key's ID.
 	for _, t := range [][]*pkcs11.Attribute{
 		{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY), pkcs11.NewAttribute(pkcs11.CKA_ID, k.id)},
 		{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY), pkcs11.NewAttribute(pkcs11.CKA_LABEL, k.label)},
@@ -950,9 +1050,17 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		if err != nil {
 			return foundKey{}, p11err(nil, err, "token %s", k.tokenSel)
 		}
-		if len(hs) > 0 {
-			return foundKey{}, p11err(fs.ErrExist, nil, "token %s already has a private key with label %q or id %x", k.tokenSel, k.label, k.id)
+		if len(hs) == 0 {
+			continue
 		}
+		label, _, _ := attr(ctx, s, hs[0], pkcs11.CKA_LABEL)
+		id, _, _ := attr(ctx, s, hs[0], pkcs11.CKA_ID)
+		what := fmt.Sprintf("id %x", k.id)
+		if t[1].Type == pkcs11.CKA_LABEL {
+			what = fmt.Sprintf("label %q", k.label)
+		}
+		return foundKey{}, p11err(fs.ErrExist, nil, "token %s already has a private key with %s (label %q, id %x); choose another",
+			k.tokenSel, what, label, id)
 	}
 	common := func(class uint) []*pkcs11.Attribute {
 		t := []*pkcs11.Attribute{
@@ -974,12 +1082,30 @@ func (k *PKCS11Key) generate(c Curve) (foundKey, error) {
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false))
-	if ktype != ckkECMontgomery {
-		// A Montgomery key cannot sign anyway, and some tokens reject
-		// CKA_SIGN on it; an EC or (SoftHSM's) Edwards key must not sign.
-		privT = append(privT, pkcs11.NewAttribute(pkcs11.CKA_SIGN, false))
+	// Usable only for derivation: a token's defaults may allow more (SoftHSM
+	// 2.6 sets CKA_DECRYPT and CKA_UNWRAP on EC keys), and a key that can
+	// also sign or decrypt is a key that other software on the host can be
+	// talked into using for something else.
+	var onlyDerive []*pkcs11.Attribute
+	for _, a := range []uint{pkcs11.CKA_DECRYPT, pkcs11.CKA_UNWRAP, pkcs11.CKA_SIGN, pkcs11.CKA_SIGN_RECOVER} {
+		onlyDerive = append(onlyDerive, pkcs11.NewAttribute(a, false))
 	}
-	pubH, privH, err := ctx.GenerateKeyPair(s, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, pubT, privT)
+	var pubOnly []*pkcs11.Attribute
+	for _, a := range []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_WRAP, pkcs11.CKA_VERIFY, pkcs11.CKA_VERIFY_RECOVER} {
+		pubOnly = append(pubOnly, pkcs11.NewAttribute(a, false))
+	}
+	gen := []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}
+	pubH, privH, err := ctx.GenerateKeyPair(s, gen, append(pubT, pubOnly...), append(privT, onlyDerive...))
+	if rv, _ := rvOf(err); templateCodes[rv] {
+		// Some tokens refuse attributes that do not apply to the key type
+		// (CKA_SIGN on a Montgomery key, say): generate with the basic
+		// template; the key is then restricted only as far as the token's
+		// defaults go.
+		pubH, privH, err = ctx.GenerateKeyPair(s, gen, pubT, privT)
+	}
+	if rv, _ := rvOf(err); bytes.Equal(params, oidX25519NSS) && (rv == pkcs11.CKR_DOMAIN_PARAMS_INVALID || rv == pkcs11.CKR_CURVE_NOT_SUPPORTED) {
+		return foundKey{}, p11err(ErrPKCS11Unsupported, call("C_GenerateKeyPair", err), "token %s cannot generate x25519 keys; try curve p256", k.tokenSel)
+	}
 	if err != nil {
 		return foundKey{}, p11err(nil, call("C_GenerateKeyPair", err), "generating a %v key on token %s", c, k.tokenSel)
 	}
@@ -1161,8 +1287,8 @@ func (k *PKCS11Key) reconnectLocked() error {
 		if err != nil {
 			return p11err(nil, call("C_OpenSession", err), "reconnecting to token %s", k.tokenSel)
 		}
-		if k.pin != "" {
-			if err := k.mod.login(s, k.tokenID, k.pin, false); err != nil {
+		if k.pin != nil {
+			if err := k.mod.login(s, k.tokenID, *k.pin, false); err != nil {
 				_ = ctx.CloseSession(s)
 				if _, ok := err.(*pkcs11Err); ok {
 					return err
@@ -1203,23 +1329,29 @@ func (k *PKCS11Key) Close() error {
 	k.st.Lock()
 	k.closeSessionsLocked()
 	k.st.Unlock()
-	if k.pin != "" {
+	if k.pin != nil {
 		k.mod.logout(k.tokenID)
 	}
-	k.pin = ""
+	k.pin = nil
 	k.mod.release()
 	return nil
 }
 
 // String describes the key by its public key, token and name.
-func (k *PKCS11Key) String() string {
+func (k PKCS11Key) String() string {
+	if k.pkcs11Key == nil {
+		return "noisetor.PKCS11Key(<none>)"
+	}
 	return fmt.Sprintf("noisetor.PKCS11Key(%s, token %s, key %s)", k.pub, k.tokenSel, k.keyDesc())
 }
 
 // GoString is String, so %#v does not print the PIN kept for reconnecting.
-func (k *PKCS11Key) GoString() string { return k.String() }
+func (k PKCS11Key) GoString() string { return k.String() }
 
 // Format prints String for every verb.
-func (k *PKCS11Key) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+func (k PKCS11Key) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// LogValue implements slog.LogValuer: log/slog shows String.
+func (k PKCS11Key) LogValue() slog.Value { return slog.StringValue(k.String()) }
 
 var _ StaticKey = (*PKCS11Key)(nil)

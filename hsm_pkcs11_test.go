@@ -30,6 +30,16 @@ import (
 // is initialised, and the module is finalised whenever the last key using it
 // is closed. So every test must Close all its keys (hsmCleanup does).
 
+// PIN files get the file checks of TestFileChecks.
+func init() {
+	extraFileLoaders = append(extraFileLoaders, fileLoader{"PIN file", secretFile,
+		func(*testing.T) []byte { return []byte("1234\n") },
+		func(p string) error {
+			_, err := (&PKCS11Config{Module: "/nonexistent.so", TokenLabel: "t", KeyLabel: "k", PINFile: p}).check(false)
+			return err
+		}})
+}
+
 const (
 	hsmPIN   = "8fS1-test-pin"
 	hsmSOPIN = "so-3141"
@@ -113,7 +123,7 @@ func hsmOpen(t testing.TB, cfg *PKCS11Config) *PKCS11Key {
 // possible: while it is open the process is logged in to the token.
 func hsmAdminSession(t testing.TB, st *softhsm.Store, tok *softhsm.Token) (ctx *pkcs11.Ctx, s pkcs11.SessionHandle, done func()) {
 	t.Helper()
-	mod, err := acquireModule(st.Module)
+	mod, err := acquireModule(st.Module, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -260,7 +270,8 @@ func TestPKCS11GenerateAndOpen(t *testing.T) {
 				k2.Close()
 			}
 
-			// On the token: sensitive, never extractable, derive only, persistent.
+			// On the token: sensitive, never extractable, derive only
+			// (SoftHSM's defaults allow decrypt and unwrap), persistent.
 			ctx, s, done := hsmAdminSession(t, st, tok)
 			defer done()
 			hs, err := findObjects(ctx, s, []*pkcs11.Attribute{
@@ -274,6 +285,7 @@ func TestPKCS11GenerateAndOpen(t *testing.T) {
 				pkcs11.CKA_TOKEN: true, pkcs11.CKA_PRIVATE: true, pkcs11.CKA_SENSITIVE: true,
 				pkcs11.CKA_ALWAYS_SENSITIVE: true, pkcs11.CKA_EXTRACTABLE: false,
 				pkcs11.CKA_NEVER_EXTRACTABLE: true, pkcs11.CKA_DERIVE: true, pkcs11.CKA_SIGN: false,
+				pkcs11.CKA_SIGN_RECOVER: false, pkcs11.CKA_DECRYPT: false, pkcs11.CKA_UNWRAP: false,
 			} {
 				v, ok, err := attr(ctx, s, hs[0], typ)
 				if err != nil || !ok || ckBool(v) != want {
@@ -284,9 +296,31 @@ func TestPKCS11GenerateAndOpen(t *testing.T) {
 				t.Fatalf("reading CKA_VALUE of the private key: %v, want CKR_ATTRIBUTE_SENSITIVE", err)
 			}
 
-			// No second key under the same label.
-			if _, err := GeneratePKCS11Key(cfg); !errors.Is(err, fs.ErrExist) || !errors.Is(err, ErrPKCS11) {
+			// The public key object cannot encrypt, wrap or verify either.
+			hs, err = findObjects(ctx, s, []*pkcs11.Attribute{
+				pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
+				pkcs11.NewAttribute(pkcs11.CKA_LABEL, cfg.KeyLabel),
+			}, 2)
+			if err != nil || len(hs) != 1 {
+				t.Fatalf("find public: %v %d", err, len(hs))
+			}
+			for _, typ := range []uint{pkcs11.CKA_ENCRYPT, pkcs11.CKA_WRAP, pkcs11.CKA_VERIFY, pkcs11.CKA_VERIFY_RECOVER} {
+				if v, ok, err := attr(ctx, s, hs[0], typ); err != nil || (ok && ckBool(v)) {
+					t.Errorf("public key attribute 0x%x = %x (ok %v, err %v), want false", typ, v, ok, err)
+				}
+			}
+
+			// No second key under the same label; the message names the
+			// key that is there (not a fresh random ID).
+			_, err = GeneratePKCS11Key(cfg)
+			if !errors.Is(err, fs.ErrExist) || !errors.Is(err, ErrPKCS11) ||
+				!strings.Contains(err.Error(), fmt.Sprintf("%x", k.ID())) || !strings.Contains(err.Error(), "label \""+cfg.KeyLabel) {
 				t.Fatalf("duplicate label: %v", err)
+			}
+			byID := &PKCS11Config{Module: st.Module, TokenLabel: tok.Label, KeyLabel: "other-" + c.String(), KeyID: k.ID(), PIN: hsmPIN}
+			if _, err := GeneratePKCS11Key(byID); !errors.Is(err, fs.ErrExist) ||
+				!strings.Contains(err.Error(), fmt.Sprintf("id %x (label %q", k.ID(), cfg.KeyLabel)) {
+				t.Fatalf("duplicate ID: %v", err)
 			}
 			// A configured curve must match the key.
 			other := X25519
@@ -746,9 +780,9 @@ func TestPKCS11FaultBadKeys(t *testing.T) {
 		msg   string
 	}{
 		{"missing", ErrPKCS11NotFound, `no private key "missing"`},
-		{"no-derive", nil, "CKA_DERIVE is false"},
-		{"no-derive-p256", nil, "CKA_DERIVE is false"},
-		{"extractable", nil, "CKA_EXTRACTABLE is true"},
+		{"no-derive", ErrPKCS11KeyPolicy, "CKA_DERIVE is false"},
+		{"no-derive-p256", ErrPKCS11KeyPolicy, "CKA_DERIVE is false"},
+		{"extractable", ErrPKCS11KeyPolicy, "CKA_EXTRACTABLE is true"},
 		{"twin", nil, "more than one private key"},
 		{"ed25519", ErrPKCS11Unsupported, "Edwards (signing) key"},
 	} {
@@ -767,10 +801,80 @@ func TestPKCS11FaultBadKeys(t *testing.T) {
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_LABEL, "no-derive"),
 	}, 1)
-	k := &PKCS11Key{mod: &p11module{ctx: ctx}}
+	k := &PKCS11Key{&pkcs11Key{mod: &p11module{ctx: ctx}}}
 	if _, err := k.deriveRaw(s, hs[0], X25519, basePoint(X25519)); !isRV(err, pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
 		t.Fatalf("C_DeriveKey on a key without CKA_DERIVE: %v", err)
 	}
+}
+
+// A token without ECDH for a key (tpm2-pkcs11; a module behind p11-kit
+// remoting) answers the base-point probe with one of these codes: that is
+// "not supported", not a generic failure. SoftHSM has ECDH for every key it
+// can hold, so the codes are fed to the classifier directly.
+func TestPKCS11NoECDHIsUnsupported(t *testing.T) {
+	for _, rv := range []uint{pkcs11.CKR_MECHANISM_INVALID, pkcs11.CKR_FUNCTION_NOT_SUPPORTED, pkcs11.CKR_KEY_TYPE_INCONSISTENT} {
+		if !noECDH(&sessionErr{&PKCS11Error{Func: "C_DeriveKey", Code: rv}}) {
+			t.Errorf("C_DeriveKey %s is not classified as no ECDH", pkcs11.Error(rv))
+		}
+	}
+	for _, err := range []error{
+		&PKCS11Error{Func: "C_DeriveKey", Code: pkcs11.CKR_DEVICE_ERROR},
+		&PKCS11Error{Func: "C_DeriveKey", Code: pkcs11.CKR_KEY_FUNCTION_NOT_PERMITTED},
+		&PKCS11Error{Func: "C_GetAttributeValue", Code: pkcs11.CKR_FUNCTION_NOT_SUPPORTED},
+		errors.New("C_DeriveKey: CKR_MECHANISM_INVALID"),
+	} {
+		if noECDH(err) {
+			t.Errorf("%v classified as no ECDH", err)
+		}
+	}
+}
+
+// A token without ECDH (here SoftHSM allowed only key generation, as
+// tpm2-pkcs11 and p11-kit remoting lack it) holding a good key: the
+// base-point probe fails with CKR_MECHANISM_INVALID, which is
+// ErrPKCS11Unsupported, and so is generating a key there.
+func TestPKCS11TokenWithoutECDH(t *testing.T) {
+	st, toks := hsmStore(t, "noecdh")
+	for _, c := range hsmCurves() {
+		cfg := hsmCfg(st, toks["noecdh"], "k-"+c.String())
+		cfg.Curve = c
+		hsmGenerate(t, cfg).Close()
+	}
+	conf, err := st.WriteConf("no-ecdh.conf", "slots.mechanisms = CKM_EC_KEY_PAIR_GEN,CKM_EC_EDWARDS_KEY_PAIR_GEN,CKM_SHA256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SOFTHSM2_CONF", conf)
+	for _, c := range hsmCurves() {
+		_, err := OpenPKCS11Key(hsmCfg(st, toks["noecdh"], "k-"+c.String()))
+		if !errors.Is(err, ErrPKCS11Unsupported) || !isRV(err, pkcs11.CKR_MECHANISM_INVALID) ||
+			!strings.Contains(err.Error(), "cannot do ECDH") {
+			t.Fatalf("%v key on a token without ECDH: %v", c, err)
+		}
+		t.Logf("%v: %v", c, err)
+	}
+	if _, err := GeneratePKCS11Key(hsmCfg(st, toks["noecdh"], "new")); !errors.Is(err, ErrPKCS11Unsupported) {
+		t.Fatalf("generating on a token without ECDH: %v", err)
+	}
+}
+
+// Two tokens with the same label: the advice is to add the serial, and the
+// message lists the serials to choose from.
+func TestPKCS11AmbiguousToken(t *testing.T) {
+	st, toks := hsmStore(t, "twin")
+	tok2, err := st.InitToken("twin", hsmPIN, hsmSOPIN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = OpenPKCS11Key(hsmCfg(st, toks["twin"], "k"))
+	if err == nil || !strings.Contains(err.Error(), "2 tokens with label \"twin\"") ||
+		!strings.Contains(err.Error(), "select one by serial as well") ||
+		!strings.Contains(err.Error(), toks["twin"].Serial) || !strings.Contains(err.Error(), tok2.Serial) {
+		t.Fatalf("two tokens with one label: %v", err)
+	}
+	cfg := hsmCfg(st, tok2, "k")
+	cfg.TokenSerial = tok2.Serial
+	hsmGenerate(t, cfg)
 }
 
 // A session that fails with a session error is dropped, not reused; the
@@ -947,15 +1051,22 @@ func TestPKCS11CloseAndModuleSharing(t *testing.T) {
 
 func TestPKCS11ConfigFromEnv(t *testing.T) {
 	for _, v := range []string{EnvPKCS11Module, EnvPKCS11Token, EnvPKCS11TokenSerial, EnvPKCS11Key, EnvPKCS11KeyID,
-		EnvPKCS11PIN, EnvPKCS11PINFile, EnvPKCS11Curve, EnvPKCS11MaxSessions} {
+		EnvPKCS11PIN, EnvPKCS11PINFile, EnvPKCS11Curve, EnvPKCS11MaxSessions, EnvPKCS11InitParams} {
 		t.Setenv(v, "")
 	}
 	if cfg, err := PKCS11ConfigFromEnv(); cfg != nil || err != nil {
 		t.Fatalf("nothing set: %v %v", cfg, err)
 	}
+	// Without a module the rest is still read (a caller may have the
+	// module from elsewhere, such as a command-line flag); opening says
+	// what is missing.
 	t.Setenv(EnvPKCS11Token, "tok")
-	if _, err := PKCS11ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), EnvPKCS11Module) {
-		t.Fatalf("no module: %v", err)
+	cfg, err := PKCS11ConfigFromEnv()
+	if err != nil || cfg == nil || cfg.TokenLabel != "tok" || cfg.Module != "" {
+		t.Fatalf("no module: %v, %v", cfg, err)
+	}
+	if _, err := OpenPKCS11Key(cfg); err == nil || !strings.Contains(err.Error(), EnvPKCS11Module) {
+		t.Fatalf("opening without a module: %v", err)
 	}
 	t.Setenv(EnvPKCS11Module, "/usr/lib/softhsm/libsofthsm2.so")
 	t.Setenv(EnvPKCS11Key, "node")
@@ -963,12 +1074,13 @@ func TestPKCS11ConfigFromEnv(t *testing.T) {
 	t.Setenv(EnvPKCS11PIN, "env-pin-5521")
 	t.Setenv(EnvPKCS11Curve, "P256")
 	t.Setenv(EnvPKCS11MaxSessions, "2")
-	cfg, err := PKCS11ConfigFromEnv()
+	t.Setenv(EnvPKCS11InitParams, "configdir='sql:/x'")
+	cfg, err = PKCS11ConfigFromEnv()
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := PKCS11Config{Module: "/usr/lib/softhsm/libsofthsm2.so", TokenLabel: "tok", KeyLabel: "node",
-		KeyID: []byte{10, 11, 12}, PIN: "env-pin-5521", Curve: P256, MaxSessions: 2}
+		KeyID: []byte{10, 11, 12}, PIN: "env-pin-5521", Curve: P256, MaxSessions: 2, InitParams: "configdir='sql:/x'"}
 	if cfg.String() != want.String() || cfg.PIN != want.PIN {
 		t.Fatalf("got %v\nwant %v", cfg, want)
 	}
@@ -994,10 +1106,18 @@ func TestPKCS11ConfigFromEnv(t *testing.T) {
 func TestPKCS11KeyFormatHidesPIN(t *testing.T) {
 	st, toks := hsmStore(t, "fmt")
 	k := hsmGenerate(t, hsmCfg(st, toks["fmt"], "fmt"))
-	for _, s := range []string{fmt.Sprint(k), fmt.Sprintf("%+v %#v %v", k, k, []StaticKey{k})} {
+	for _, s := range []string{fmt.Sprint(k), fmt.Sprint(*k), fmt.Sprintf("%+v %#v %v", k, k, []StaticKey{k})} {
 		if strings.Contains(s, hsmPIN) || !strings.Contains(s, k.PublicKey().String()) {
 			t.Fatalf("rendering: %s", s)
 		}
+	}
+	// Every verb, dereferenced too (fmt.Sprintf("%+v", *k) used to print
+	// the PIN kept for reconnecting), and fmt's method-less printing.
+	checkNeverPrinted(t, map[string]any{"*PKCS11Key": k, "PKCS11Key": *k, "StaticKey": StaticKey(k),
+		"Config": Config{StaticKey: k}}, [][]byte{[]byte(hsmPIN)}, true)
+	var zero PKCS11Key
+	if s := fmt.Sprint(zero); s != "noisetor.PKCS11Key(<none>)" {
+		t.Errorf("zero PKCS11Key prints %q", s)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -359,29 +358,30 @@ func (k *Keyring) Save(path string) (err error) {
 	return nil
 }
 
-// LoadKeyring reads a keyring file (see ParseKeyring). It refuses a file that
-// group or others may write, since whoever can write the keyring can add a
-// peer, and a file larger than 1 MiB.
+// LoadKeyring reads a keyring file (see ParseKeyring), and a file larger
+// than 1 MiB is refused. Whoever can write the keyring can add a peer, so,
+// like LoadPrivateKey, it checks the file as ssh does: a regular file owned
+// by this process's user or root, that group and others may read but not
+// write, in directories that only this user or root may write (see
+// LoadPrivateKey). The error for a failed check is a *KeyringError that
+// matches ErrUnsafeFile and fs.ErrPermission and says which check failed
+// and the fix.
 func LoadKeyring(path string) (*Keyring, error) {
-	f, err := os.Open(path)
+	f, err := openChecked(path, trustFile)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
+		var ue *unsafeFileError
+		if errors.As(err, &ue) {
+			return nil, &KeyringError{Path: path, Err: &peerError{ue, strings.TrimPrefix(ue.Error(), "noisetor: ")}}
+		}
+		return nil, fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading keyring: %w", err)
-	}
-	if st.Mode().IsRegular() && st.Mode().Perm()&0o022 != 0 {
-		return nil, &KeyringError{Path: path, Err: fmt.Errorf(
-			"%w: mode %v lets group or others write it, and so add peers (chmod 644 %s)",
-			fs.ErrPermission, st.Mode().Perm(), path)}
-	}
 	return parseKeyring(path, f)
 }
 
 // ParseKeyring reads a keyring in its text format: UTF-8, at most 1 MiB, lines
-// separated by "\n" (a "\r" before it is ignored), at most 4096 bytes each.
+// separated by "\n" (one "\r" before it is ignored; any other "\r" is an
+// error), at most 4096 bytes each.
 // Each line is blank, a comment, or one peer:
 //
 //	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
@@ -415,9 +415,12 @@ func parseKeyring(path string, r io.Reader) (*Keyring, error) {
 	keyLine := make(map[PublicKey]int)
 	addrLine := make(map[string]int)
 	for n := 1; len(data) > 0; n++ {
-		var line []byte
-		line, data, _ = bytes.Cut(data, []byte("\n"))
-		p, ok, err := parseLine(bytes.TrimSuffix(line, []byte("\r")))
+		line, rest, lf := bytes.Cut(data, []byte("\n"))
+		data = rest
+		if lf {
+			line = bytes.TrimSuffix(line, []byte("\r"))
+		}
+		p, ok, err := parseLine(line)
 		if err != nil {
 			return nil, &KeyringError{Path: path, Line: n, Err: err}
 		}
@@ -458,6 +461,12 @@ func parseLine(line []byte) (p Peer, ok bool, err error) {
 	}
 	if !utf8.Valid(line) {
 		return Peer{}, false, &peerError{ErrBadPeer, "line is not valid UTF-8"}
+	}
+	// Only the one CR directly before the LF is a line ending (CR CR LF is
+	// not); any other would end up inside a field, where a lenient decoder
+	// might skip it, giving one value two spellings.
+	if bytes.IndexByte(line, '\r') >= 0 {
+		return Peer{}, false, &peerError{ErrBadPeer, "stray carriage return (CR): a line ends with LF or CR LF"}
 	}
 	var fields []string
 	for f := range strings.FieldsFuncSeq(string(line), func(r rune) bool { return r == ' ' || r == '\t' }) {

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
 	"os"
 	"strings"
 )
@@ -67,7 +68,9 @@ func parseCurve(s string) (Curve, error) {
 	case "p256":
 		return P256, nil
 	}
-	return 0, fmt.Errorf("unknown curve %q (want x25519 or p256)", s)
+	// The name is not quoted: it is whatever came before the first ':' of a
+	// key field, which may be a pasted secret.
+	return 0, errors.New("unknown curve (want x25519 or p256)")
 }
 
 // ErrBadKey is matched (with errors.Is) by every error about a malformed,
@@ -155,11 +158,26 @@ func ParsePublicKey(s string) (PublicKey, error) {
 	if err != nil {
 		return PublicKey{}, badKey("%v", err)
 	}
-	raw, err := base64.RawURLEncoding.Strict().DecodeString(enc)
-	if err != nil {
+	raw, ok := decodeKeyBase64(enc)
+	if !ok {
 		return PublicKey{}, badKey("public key is not unpadded base64url")
 	}
 	return NewPublicKey(c, raw)
+}
+
+// decodeKeyBase64 decodes unpadded base64url (RFC 4648 §5) with nothing else
+// in it. encoding/base64 skips CR and LF anywhere in its input, even in Strict
+// mode; a key text must have exactly one accepted form (WIRE.md §11.1), so
+// every byte is checked against the alphabet first. Strict mode then rejects
+// a last character with unused bits set.
+func decodeKeyBase64(s string) ([]byte, bool) {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < 'A' || c > 'Z') && (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
+			return nil, false
+		}
+	}
+	b, err := base64.RawURLEncoding.Strict().DecodeString(s)
+	return b, err == nil
 }
 
 // Curve returns the key's curve, or 0 for the zero PublicKey.
@@ -230,9 +248,18 @@ type StaticKey interface {
 
 const privateKeyPrefix = "NOISETOR-PRIVATE-KEY-"
 
-// A PrivateKey is a software StaticKey. Its String, GoString and Format
-// methods never print the private scalar.
+// A PrivateKey is a software StaticKey. Its String, GoString, Format and
+// LogValue methods never print the private scalar.
 type PrivateKey struct {
+	// The scalar is two pointers away. fmt prints a value that it cannot
+	// call methods on (a PrivateKey in an unexported field of another
+	// struct) field by field, and for a verb such as %s it prints what a
+	// pointer field points to as well; only a pointer inside that is
+	// printed as an address.
+	*privateKey
+}
+
+type privateKey struct {
 	priv *ecdh.PrivateKey
 	pub  PublicKey
 }
@@ -288,7 +315,7 @@ func NewPrivateKey(c Curve, scalar []byte) (*PrivateKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &PrivateKey{priv: priv, pub: pub}, nil
+	return &PrivateKey{&privateKey{priv: priv, pub: pub}}, nil
 }
 
 // PublicKey returns the public half.
@@ -315,13 +342,21 @@ func (k *PrivateKey) DH(peer PublicKey) ([]byte, error) {
 // String, GoString and Format have value receivers so that a dereferenced
 // key is covered too: for fmt.Sprintf("%s", *k), fmt would otherwise print
 // the inner *ecdh.PrivateKey, scalar included, after "%!s(".
-func (k PrivateKey) String() string { return "noisetor.PrivateKey(" + k.pub.String() + ")" }
+func (k PrivateKey) String() string {
+	if k.privateKey == nil {
+		return "noisetor.PrivateKey(<none>)"
+	}
+	return "noisetor.PrivateKey(" + k.pub.String() + ")"
+}
 
 // GoString is like String, so %#v cannot leak the scalar either.
 func (k PrivateKey) GoString() string { return k.String() }
 
 // Format prints String for every verb, so no fmt verb reveals the scalar.
 func (k PrivateKey) Format(f fmt.State, _ rune) { io.WriteString(f, k.String()) }
+
+// LogValue implements slog.LogValuer: log/slog shows String.
+func (k PrivateKey) LogValue() slog.Value { return slog.StringValue(k.String()) }
 
 // MarshalPrivateText returns the private key file encoding,
 // "NOISETOR-PRIVATE-KEY-X25519:<base64url>\n". It is named so that nobody calls
@@ -349,20 +384,29 @@ func ParsePrivateKey(text []byte) (*PrivateKey, error) {
 	if err != nil {
 		return nil, badKey("%v", err)
 	}
-	scalar, err := base64.RawURLEncoding.Strict().DecodeString(enc)
-	if err != nil || len(scalar) != 32 {
+	scalar, ok := decodeKeyBase64(enc)
+	if !ok || len(scalar) != 32 {
 		return nil, badKey("private key is not 32 bytes of unpadded base64url")
 	}
 	return NewPrivateKey(c, scalar)
 }
 
-// ErrKeyFilePermissions is returned when a private key file may be read by
-// users other than its owner.
-var ErrKeyFilePermissions = errors.New("noisetor: private key file is readable by group or others")
+// ErrKeyFilePermissions is matched (with errors.Is) by every error about a
+// secret file (a private key, PIN or Tor key file) that others may read or
+// replace: its mode lets group or others access it, it is owned by another
+// user, it is not a regular file, or a directory above it is not safe (see
+// LoadPrivateKey). These errors match ErrUnsafeFile too.
+var ErrKeyFilePermissions = errors.New("noisetor: secret file is not private")
 
-// LoadPrivateKey reads a private key file written by SavePrivateKey. It refuses
-// a file that group or others may read or write (like ssh), so a key that has
-// been exposed is not used silently.
+// LoadPrivateKey reads a private key file written by SavePrivateKey. Like ssh,
+// it refuses a file that group or others may read or write, so a key that has
+// been exposed is not used silently; and one that someone else could have
+// put there: the file must be a regular file owned by this process's user (or
+// root), and every directory above it owned by this user or root and not
+// writable by group or others (a sticky directory such as /tmp is accepted
+// when the entry in it is this user's). A symbolic link on the way must be
+// this user's or root's. The error says which check failed and the fix; it
+// matches ErrKeyFilePermissions and ErrUnsafeFile.
 func LoadPrivateKey(path string) (*PrivateKey, error) {
 	text, err := readPrivateFile(path)
 	if err != nil {
@@ -381,21 +425,14 @@ func SavePrivateKey(path string, k *PrivateKey) error {
 	return writePrivateFile(path, k.MarshalPrivateText())
 }
 
-// readPrivateFile reads a small secret file, refusing one that group or
-// others may access.
+// readPrivateFile reads a small secret file after the checks of
+// LoadPrivateKey (openChecked).
 func readPrivateFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	f, err := openChecked(path, secretFile)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
+		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: %w", err)
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("%w: %s has mode %v, want 0600 (chmod 600 %s)", ErrKeyFilePermissions, path, st.Mode().Perm(), path)
-	}
 	b, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: reading %s: %w", path, err)

@@ -223,6 +223,15 @@ func TestParsePublicKeyMalformed(t *testing.T) {
 		"p256 not on curve": "p256:" + base64.RawURLEncoding.EncodeToString(notOnCurve),
 		"p256 infinity":     "p256:AA",
 		"non-canonical":     "x25519:" + base64.RawURLEncoding.EncodeToString(setTopBit(good.Bytes())),
+		// encoding/base64 skips CR and LF even in Strict mode; one key, one text.
+		"LF inside":     "x25519:" + enc[:20] + "\n" + enc[20:],
+		"CR inside":     "x25519:" + enc[:20] + "\r" + enc[20:],
+		"CRLF inside":   "x25519:" + enc[:20] + "\r\n" + enc[20:],
+		"trailing CR":   good.String() + "\r",
+		"trailing LF":   good.String() + "\n",
+		"trailing CRCR": good.String() + "\r\r",
+		"p256 LF":       "p256:" + p256.String()[5:50] + "\n" + p256.String()[50:],
+		"unused bits":   "x25519:" + enc[:42] + string(enc[42]+1),
 	} {
 		t.Run(name, func(t *testing.T) {
 			if k, err := ParsePublicKey(s); !errors.Is(err, ErrBadKey) {
@@ -505,6 +514,11 @@ func TestSavePrivateKey(t *testing.T) {
 	})
 }
 
+// p256N is the order of the P-256 group, base64url: not a valid scalar.
+var p256N = base64.RawURLEncoding.EncodeToString([]byte{
+	0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+	0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51})
+
 func TestParsePrivateKeyMalformed(t *testing.T) {
 	k := testKey(t, X25519, 9)
 	text := strings.TrimSpace(string(k.MarshalPrivateText()))
@@ -517,13 +531,17 @@ func TestParsePrivateKeyMalformed(t *testing.T) {
 		"padded":        text + "=",
 		"garbage":       "hello " + secret,
 		"p256 zero":     "NOISETOR-PRIVATE-KEY-P256:" + base64.RawURLEncoding.EncodeToString(make([]byte, 32)),
+		"p256 n":        "NOISETOR-PRIVATE-KEY-P256:" + p256N,
+		"LF inside":     text[:40] + "\n" + text[40:],
+		"CR inside":     text[:40] + "\r" + text[40:],
+		"curve secret":  "NOISETOR-PRIVATE-KEY-" + secret + ":" + secret,
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := ParsePrivateKey([]byte(s))
 			if !errors.Is(err, ErrBadKey) {
 				t.Fatalf("ParsePrivateKey = %v, want ErrBadKey", err)
 			}
-			if strings.Contains(err.Error(), secret[:20]) {
+			if strings.Contains(strings.ToLower(err.Error()), strings.ToLower(secret[:20])) {
 				t.Fatalf("error echoes the private key: %v", err)
 			}
 		})

@@ -39,9 +39,11 @@ on the phone to confirm the key arrived intact.
 
 With -o the private key goes to a new file with mode 0600; keygen never
 overwrites an existing file. With --pkcs11 the key is generated inside the
-token and never leaves it; the token, key label and PIN come from the flags or
-from $NOISETOR_PKCS11_MODULE, $NOISETOR_PKCS11_TOKEN, $NOISETOR_PKCS11_KEY and
-$NOISETOR_PKCS11_PIN.
+token and never leaves it; the token, key label, PIN and curve come from the
+flags or from $NOISETOR_PKCS11_MODULE, $NOISETOR_PKCS11_TOKEN,
+$NOISETOR_PKCS11_KEY, $NOISETOR_PKCS11_PIN_FILE (or $NOISETOR_PKCS11_PIN) and
+$NOISETOR_PKCS11_CURVE, flags first. A token that needs no login takes no PIN.
+NSS databases need $NOISETOR_PKCS11_INIT_PARAMS (see the README).
 
 The name defaults to the key file's name without its extension, or to the
 token key's label. Use p256 only for tokens without X25519 (YubiHSM 2,
@@ -65,10 +67,10 @@ func parseCurveFlag(s string) (noisetor.Curve, error) {
 	case "p256", "p-256":
 		return noisetor.P256, nil
 	}
-	return 0, usagef("unknown curve %q (want x25519 or p256)", s)
+	return 0, usagef("unknown curve %s (want x25519 or p256)", echoArg(s))
 }
 
-func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
+func runKeygen(e *env, fs *flag.FlagSet, opts any, args []string) error {
 	o := opts.(*keygenOptions)
 	if err := wantArgs(args, 0, 0, ""); err != nil {
 		return err
@@ -91,7 +93,11 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		if err != nil {
 			return err
 		}
-		cfg.Curve = c
+		// $NOISETOR_PKCS11_CURVE applies unless --curve is given: the
+		// flag's default must not override it.
+		if flagSet(fs, "curve") || cfg.Curve == 0 {
+			cfg.Curve = c
+		}
 		if name == "" {
 			name = cfg.KeyLabel
 		}
@@ -100,7 +106,7 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		if err := checkPeerLine(name, o.addr); err != nil {
 			return err
 		}
-		key, err := noisetor.GeneratePKCS11Key(cfg)
+		key, err := openPKCS11(cfg, true)
 		if err != nil {
 			return err
 		}
@@ -137,6 +143,13 @@ func runKeygen(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	fmt.Fprintf(e.stderr, "noisetor keygen: %s\n", where)
 	fmt.Fprintf(e.stderr, "noisetor keygen: fingerprint of %s, to read aloud: %s\n", name, pub.Fingerprint())
 	return nil
+}
+
+// flagSet reports whether the flag name was given on the command line.
+func flagSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
 }
 
 // ceremonyLine is a peer's keyring line: what one operator hands the others.
@@ -238,6 +251,13 @@ A private key file is read only to compute its public key.`,
 }
 
 func fingerprintOf(arg string) (fp, what string, err error) {
+	// A secret pasted where a public key or file name belongs: say so, and
+	// never echo it (the file-not-found error below would).
+	if upper := strings.ToUpper(arg); strings.Contains(upper, "NOISETOR-PRIVATE-KEY-") ||
+		strings.Contains(upper, "NOISETOR-ONION-KEY-") || strings.Contains(upper, "NOISETOR-TOR-CLIENT-AUTH-") {
+		return "", "", errors.New("the argument is a noisetor secret key, not a public key or a file name; it is not shown. " +
+			"Never paste a private key: it is now in your shell history, so treat it as exposed")
+	}
 	if strings.HasPrefix(arg, "x25519:") || strings.HasPrefix(arg, "p256:") {
 		pub, err := noisetor.ParsePublicKey(arg)
 		if err != nil {
@@ -246,10 +266,13 @@ func fingerprintOf(arg string) (fp, what string, err error) {
 		return pub.Fingerprint(), "fingerprint of the public key", nil
 	}
 	text, err := readLimited(arg, 1<<20)
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		// The argument is not quoted: it is not a file that can be read
+		// nor a public key, and may be a secret.
+		return "", "", fmt.Errorf("cannot read the argument as a file (%v), and it is not a public key (those look like x25519:...)", pe.Err)
+	}
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return "", "", fmt.Errorf("%s: no such file, and not a public key (those look like x25519:...)", arg)
-		}
 		return "", "", err
 	}
 	trimmed := bytes.TrimSpace(text)
@@ -337,7 +360,7 @@ func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		fmt.Fprintf(e.stdout, "%s: ok, %s, fingerprint %s\n", args[0], nPeers(kr.Len()), kr.Fingerprint())
 		return nil
 	}
-	return usagef("unknown keyring subcommand %q (want add, remove, list or check)", sub)
+	return usagef("unknown keyring subcommand %s (want add, remove, list or check)", echoArg(sub))
 }
 
 // loadOrNewKeyring loads path, or returns an empty keyring if it does not
@@ -368,7 +391,7 @@ func keyringAdd(e *env, o *keyringAddOptions, args []string) error {
 	line := strings.Join(args[1:3], " ")
 	for _, f := range args[3:] {
 		if !strings.HasPrefix(f, "addr=") && !strings.HasPrefix(f, "auth=") {
-			return usagef("unexpected argument %q (want addr=HOST:PORT or auth=KEY)", f)
+			return usagef("unexpected argument %s (want addr=HOST:PORT or auth=KEY)", echoArg(f))
 		}
 		line += " " + f
 	}
@@ -382,7 +405,16 @@ func keyringAdd(e *env, o *keyringAddOptions, args []string) error {
 	if err != nil {
 		var ke *noisetor.KeyringError
 		if errors.As(err, &ke) {
-			return fmt.Errorf("peer %s: %w", args[1], ke.Err)
+			// The name is shown only if it is valid: it may be a secret
+			// pasted into the wrong argument.
+			switch named := fmt.Sprintf("peer %q", args[1]); {
+			case checkPeerLine(args[1], "") != nil:
+				return fmt.Errorf("the peer line: %w", ke.Err)
+			case strings.HasPrefix(ke.Err.Error(), named):
+				return ke.Err
+			default:
+				return fmt.Errorf("%s: %w", named, ke.Err)
+			}
 		}
 		return err
 	}
@@ -418,7 +450,7 @@ func keyringRemove(e *env, path, name string) error {
 		return err
 	}
 	if _, ok := kr.ByName(name); !ok {
-		return fmt.Errorf("%s has no peer named %q", path, name)
+		return fmt.Errorf("%s has no peer named %s", path, echoArg(name))
 	}
 	var keep []noisetor.Peer
 	for _, p := range kr.Peers() {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -13,7 +14,8 @@ import (
 // pkcs11Options selects a key on a PKCS#11 token. Unset fields come from the
 // NOISETOR_PKCS11_* environment (noisetor.PKCS11ConfigFromEnv). The PIN is
 // read only from the environment or a file, never from the command line,
-// where other users could see it in the process list.
+// where other users could see it in the process list. A token that needs no
+// login (an NSS database without a password, say) takes no PIN.
 type pkcs11Options struct {
 	enabled bool
 	module  string
@@ -27,14 +29,15 @@ func (o *pkcs11Options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.module, "pkcs11-module", "", "`path` of the PKCS#11 module (default $"+noisetor.EnvPKCS11Module+")")
 	fs.StringVar(&o.token, "pkcs11-token", "", "`label` of the token (default $"+noisetor.EnvPKCS11Token+")")
 	fs.StringVar(&o.key, "pkcs11-key", "", "`label` of the key on the token (default $"+noisetor.EnvPKCS11Key+")")
-	fs.StringVar(&o.pinFile, "pkcs11-pin-file", "", "read the user PIN from `file`, mode 0600\n(default $"+noisetor.EnvPKCS11PINFile+" or the PIN in $"+noisetor.EnvPKCS11PIN+")")
+	fs.StringVar(&o.pinFile, "pkcs11-pin-file", "", "read the user PIN from `file`, mode 0600\n(default $"+noisetor.EnvPKCS11PINFile+" or the PIN in $"+noisetor.EnvPKCS11PIN+";\nnone for a token that needs no login)")
 }
 
 // config returns the token configuration: the environment overridden by the
-// flags.
+// flags. A malformed variable is an error even when a flag overrides it:
+// the operator should know that the environment is wrong.
 func (o *pkcs11Options) config() (*noisetor.PKCS11Config, error) {
 	cfg, err := noisetor.PKCS11ConfigFromEnv()
-	if err != nil && o.module == "" {
+	if err != nil {
 		return nil, err
 	}
 	if cfg == nil {
@@ -65,11 +68,22 @@ func (o *pkcs11Options) config() (*noisetor.PKCS11Config, error) {
 	if len(missing) > 0 {
 		return nil, usagef("--pkcs11 needs %s", strings.Join(missing, " and "))
 	}
-	if cfg.PIN == "" && cfg.PINFile == "" {
-		return nil, usagef("--pkcs11 needs the token's user PIN: --pkcs11-pin-file FILE, $%s or $%s",
-			noisetor.EnvPKCS11PINFile, noisetor.EnvPKCS11PIN)
-	}
 	return cfg, nil
+}
+
+// open opens (or, with generate, makes) the token key of cfg. Without a
+// PIN it tries the token as one that needs no login; if the token does need
+// one, the error says how to give it.
+func openPKCS11(cfg *noisetor.PKCS11Config, generate bool) (*noisetor.PKCS11Key, error) {
+	open := noisetor.OpenPKCS11Key
+	if generate {
+		open = noisetor.GeneratePKCS11Key
+	}
+	k, err := open(cfg)
+	if err != nil && cfg.PIN == "" && cfg.PINFile == "" && errors.Is(err, noisetor.ErrPKCS11PIN) {
+		return nil, fmt.Errorf("%w; or give it with --pkcs11-pin-file FILE", err)
+	}
+	return k, err
 }
 
 // keyOptions selects this machine's static key: a file or a token.
@@ -94,7 +108,7 @@ func (o *keyOptions) load() (key noisetor.StaticKey, close func(), err error) {
 		if err != nil {
 			return nil, nil, err
 		}
-		k, err := noisetor.OpenPKCS11Key(cfg)
+		k, err := openPKCS11(cfg, false)
 		if err != nil {
 			return nil, nil, err
 		}

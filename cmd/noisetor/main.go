@@ -25,6 +25,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 )
@@ -106,7 +107,7 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		if len(args) > 1 && args[0] == "help" {
 			c := lookup(args[1])
 			if c == nil {
-				fmt.Fprintf(stderr, "noisetor: unknown command %q\nRun 'noisetor help' for the list of commands.\n", args[1])
+				fmt.Fprintf(stderr, "noisetor: unknown command %s\nRun 'noisetor help' for the list of commands.\n", echoArg(args[1]))
 				return exitUsage
 			}
 			fs, _ := newFlagSet(c)
@@ -121,9 +122,9 @@ func runContext(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	c := lookup(args[0])
 	if c == nil {
 		if strings.HasPrefix(args[0], "-") {
-			fmt.Fprintf(stderr, "noisetor: a command must come first, before %s\n", args[0])
+			fmt.Fprintf(stderr, "noisetor: a command must come first, before %s\n", echoArg(args[0]))
 		} else {
-			fmt.Fprintf(stderr, "noisetor: unknown command %q\n", args[0])
+			fmt.Fprintf(stderr, "noisetor: unknown command %s\n", echoArg(args[0]))
 		}
 		fmt.Fprintf(stderr, "Run 'noisetor help' for the list of commands.\n")
 		return exitUsage
@@ -149,7 +150,7 @@ func runCommand(e *env, c *command, args []string) int {
 		return exitOK
 	}
 	if err != nil {
-		fmt.Fprintf(e.stderr, "noisetor %s: %v\nRun 'noisetor %s --help' for usage.\n", c.name, err, c.name)
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, scrubSecrets(err.Error(), args), c.name)
 		return exitUsage
 	}
 	err = c.run(e, fs, opts, pos)
@@ -158,12 +159,57 @@ func runCommand(e *env, c *command, args []string) int {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &ue):
-		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, ue.msg, c.name)
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, scrubSecrets(ue.msg, args), c.name)
 		return exitUsage
 	default:
-		fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, errorText(err))
+		fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, scrubSecrets(errorText(err), args))
 		return exitFail
 	}
+}
+
+// scrubSecrets removes from an error message every command-line argument
+// (or flag value) that looks like a pasted secret and is not the name of an
+// existing file: errors that quote a file name ("open <name>: no such
+// file") would otherwise echo a private key given where a file belongs.
+// Looks like a secret: a noisetor secret-key text, or 16 or more
+// characters of the base64 alphabets with upper and lower case and digits.
+func scrubSecrets(msg string, args []string) string {
+	for _, a := range args {
+		if _, err := os.Lstat(a); err == nil {
+			continue
+		}
+		// The whole argument, and its pieces: a flag's value after '=',
+		// the parts around ':' (a key text), without leading dashes.
+		pieces := append([]string{a}, strings.FieldsFunc(a, func(r rune) bool { return r == '=' || r == ':' })...)
+		for _, v := range pieces {
+			v = strings.TrimLeft(v, "-")
+			if len(v) >= 16 && looksSecret(v) {
+				msg = strings.ReplaceAll(msg, v, "(not shown: it may be a secret)")
+			}
+		}
+	}
+	return msg
+}
+
+func looksSecret(s string) bool {
+	if u := strings.ToUpper(s); strings.Contains(u, "NOISETOR-") && strings.Contains(u, "KEY") {
+		return true
+	}
+	var up, low, dig bool
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case 'A' <= c && c <= 'Z':
+			up = true
+		case 'a' <= c && c <= 'z':
+			low = true
+		case '0' <= c && c <= '9':
+			dig = true
+		case c == '-' || c == '_' || c == '+' || c == '/' || c == '=':
+		default:
+			return false
+		}
+	}
+	return up && low && dig
 }
 
 // errorText is err's message without the package prefix, which the command
@@ -208,9 +254,33 @@ func wantArgs(args []string, min, max int, what string) error {
 	case len(args) < min:
 		return usagef("missing %s", what)
 	case max >= 0 && len(args) > max:
-		return usagef("unexpected argument %q", args[max])
+		return usagef("unexpected argument %s", echoArg(args[max]))
 	}
 	return nil
+}
+
+// echoArg returns s quoted, for an error message, if it looks like a word
+// an operator typed (a command, curve or peer name, a flag): at most 24
+// characters of a-z, 0-9, '.', '_' and '-' with at least one letter.
+// Anything else is not shown: an argument that was rejected may be a secret
+// pasted in the wrong place (a private key, a PIN), and error messages end
+// up in logs and scrollback.
+func echoArg(s string) string {
+	letter := false
+	ok := len(s) > 0 && len(s) <= 24
+	for i := 0; ok && i < len(s); i++ {
+		switch c := s[i]; {
+		case 'a' <= c && c <= 'z':
+			letter = true
+		case '0' <= c && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			ok = false
+		}
+	}
+	if ok && letter {
+		return strconv.Quote(s)
+	}
+	return "(not shown: it may be a secret)"
 }
 
 func printMainUsage(w io.Writer) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/noisetor/noisetor"
+	"github.com/noisetor/noisetor/internal/nsstoken"
 	"github.com/noisetor/noisetor/internal/softhsm"
 )
 
@@ -189,7 +190,7 @@ func TestKeyring(t *testing.T) {
 	cli(t, "", "keyring", "add", ring, "again", f[1]).want(t, exitFail, `already in the keyring as peer "cosigner"`)
 	cli(t, "", "keyring", "add", ring, "cosigner", strings.Fields(lines[3])[1]).want(t, exitFail, "already has a peer named")
 	cli(t, "", "keyring", "add", ring, "x", "x25519:AAAA").want(t, exitFail, "bad key")
-	cli(t, "", "keyring", "add", ring, "x", f[1], "--auth", "nope").want(t, exitFail, "peer x")
+	cli(t, "", "keyring", "add", ring, "x", f[1], "--auth", "nope").want(t, exitFail, `peer "x": auth`)
 	cli(t, "", "keyring", "add", ring, "x", f[1], "bogus=1").want(t, exitUsage, "unexpected argument")
 	cli(t, "", "keyring", "add", ring, "x").want(t, exitUsage, "missing")
 	cli(t, "", "keyring", "list", ring, "--addr", "1.2.3.4:5").want(t, exitUsage, "for 'keyring add'")
@@ -561,6 +562,177 @@ func TestKeygenPKCS11(t *testing.T) {
 	os.WriteFile(pinFile, []byte("000000\n"), 0o600)
 	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-key", "cosigner").want(t, exitFail, "PIN")
 	t.Setenv(noisetor.EnvPKCS11PINFile, "")
-	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-key", "cosigner").want(t, exitUsage, "needs the token's user PIN")
+	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-key", "cosigner").want(t, exitFail, "needs a PIN and none is configured")
 	cli(t, "", "keygen", "--pkcs11", "-o", filepath.Join(dir, "k")).want(t, exitUsage, "stays on the token")
+}
+
+// A secret pasted into the wrong argument is never echoed (issue: the
+// fingerprint command printed a pasted private key in its error).
+func TestErrorsDoNotEchoSecrets(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "a.key")
+	cli(t, "", "keygen", "-o", keyFile).want(t, exitOK, "")
+	text, err := os.ReadFile(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv := strings.TrimSpace(string(text))
+	secret := priv[strings.IndexByte(priv, ':')+1:]
+	pub := strings.Fields(cli(t, "", "pubkey", "--name", "a", keyFile).stdout)[1]
+	ring := filepath.Join(dir, "ring")
+	cli(t, "a "+pub+"\n", "keyring", "add", ring, "-").want(t, exitOK, "")
+	const pin = "482916"
+	for _, args := range [][]string{
+		{"fingerprint", priv},
+		{"fingerprint", strings.ToLower(priv)},
+		{"fingerprint", secret},
+		{"fingerprint", "x25519:" + secret + "x"},
+		{"fingerprint", secret + ":" + secret},
+		{priv},
+		{"help", secret},
+		{"-" + secret},
+		{"keygen", "-o", filepath.Join(dir, "b.key"), "--curve", secret},
+		{"keygen", "-o", filepath.Join(dir, "c.key"), secret},
+		{"keyring", secret, ring},
+		{"keyring", "add", ring, secret, pub},
+		{"keyring", "add", ring, priv, pub},
+		{"keyring", "add", ring, "b", priv},
+		{"keyring", "add", ring, "b", secret},
+		{"keyring", "add", ring, "b", pub, secret},
+		{"keyring", "add", ring, "b", pub, "addr=" + secret},
+		{"keyring", "remove", ring, secret},
+		{"keyring", "remove", ring, pin},
+		{"pubkey", keyFile, pin},
+		{"fingerprint", ring, pin},
+		{"fingerprint", secret + strings.Repeat("A", 300)}, // "file name too long" names the file
+		{"pubkey", secret},
+		{"pubkey", priv},
+		{"keyring", "list", secret},
+		{"keyring", "check", secret},
+		{"serve", "-k", secret, "-r", ring},
+		{"connect", "-k=" + secret, "-r", ring, "--peer", "a", "127.0.0.1:1"},
+		{"connect", "-k", keyFile, "-r", secret, "--peer", "a", "127.0.0.1:1"},
+		{"keygen", "--curve=" + secret},
+	} {
+		r := cli(t, "", args...)
+		if r.code == exitOK {
+			t.Errorf("%q succeeded", args)
+			continue
+		}
+		out := strings.ToLower(r.stdout + r.stderr)
+		for _, s := range []string{secret[:20], pin} {
+			if strings.Contains(out, strings.ToLower(s)) {
+				t.Errorf("noisetor %q echoes the secret:\n%s%s", args, r.stdout, r.stderr)
+			}
+		}
+	}
+	r := cli(t, "", "fingerprint", priv)
+	r.want(t, exitFail, "secret key")
+	// A path that merely contains "noisetor-" is a path.
+	d := filepath.Join(dir, "noisetor-demo-x")
+	os.Mkdir(d, 0o700)
+	cli(t, "a "+pub+"\n", "keyring", "add", filepath.Join(d, "ring"), "-").want(t, exitOK, "")
+	cli(t, "", "fingerprint", filepath.Join(d, "ring")).want(t, exitOK, "fingerprint of keyring")
+}
+
+// The NOISETOR_PKCS11_* environment and the --pkcs11-* flags combine:
+// $NOISETOR_PKCS11_CURVE applies unless --curve is given, --pkcs11-module
+// keeps the rest of the environment, and a malformed variable is reported
+// even when a flag is given.
+func TestPKCS11EnvAndFlags(t *testing.T) {
+	requireSoftHSM(t)
+	dir := t.TempDir()
+	store, err := softhsm.NewStore(filepath.Join(dir, "hsm"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.InitToken("envtok", "123456", "654321"); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SOFTHSM2_CONF", store.Conf)
+	pinFile := filepath.Join(dir, "pin")
+	os.WriteFile(pinFile, []byte("123456\n"), 0o600)
+	for _, v := range []string{noisetor.EnvPKCS11KeyID, noisetor.EnvPKCS11TokenSerial, noisetor.EnvPKCS11PIN,
+		noisetor.EnvPKCS11MaxSessions, noisetor.EnvPKCS11InitParams} {
+		t.Setenv(v, "")
+	}
+	t.Setenv(noisetor.EnvPKCS11Token, "envtok")
+	t.Setenv(noisetor.EnvPKCS11PINFile, pinFile)
+
+	// The module only on the command line; token, PIN file and curve from
+	// the environment.
+	t.Setenv(noisetor.EnvPKCS11Module, "")
+	t.Setenv(noisetor.EnvPKCS11Curve, "p256")
+	r := cli(t, "", "keygen", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "tower")
+	r.want(t, exitOK, "")
+	if !strings.HasPrefix(r.stdout, "tower p256:") {
+		t.Fatalf("with %s=p256, keygen made %q", noisetor.EnvPKCS11Curve, r.stdout)
+	}
+	p := cli(t, "", "pubkey", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "tower", "--name", "tower")
+	p.want(t, exitOK, "")
+	if p.stdout != r.stdout {
+		t.Errorf("pubkey %q, keygen %q", p.stdout, r.stdout)
+	}
+	// --curve wins over the environment.
+	r = cli(t, "", "keygen", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "x", "--curve", "x25519")
+	r.want(t, exitOK, "")
+	if !strings.HasPrefix(r.stdout, "x x25519:") {
+		t.Fatalf("with --curve x25519, keygen made %q", r.stdout)
+	}
+	// A malformed variable is an error, flags or not.
+	t.Setenv(noisetor.EnvPKCS11KeyID, "not-hex")
+	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "tower").
+		want(t, exitFail, noisetor.EnvPKCS11KeyID)
+	t.Setenv(noisetor.EnvPKCS11KeyID, "")
+	t.Setenv(noisetor.EnvPKCS11Curve, "ed448")
+	cli(t, "", "keygen", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "y", "--curve", "x25519").
+		want(t, exitFail, noisetor.EnvPKCS11Curve)
+	t.Setenv(noisetor.EnvPKCS11Curve, "")
+
+	// No PIN for a token that needs one: the token says so, and the CLI
+	// says how to give it.
+	t.Setenv(noisetor.EnvPKCS11PINFile, "")
+	cli(t, "", "pubkey", "--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-key", "tower").
+		want(t, exitFail, "needs a PIN and none is configured")
+}
+
+// A token that needs no login (an NSS database without a password) works
+// with no PIN: keygen, pubkey and a link served with the token key.
+func TestPKCS11NoLoginToken(t *testing.T) {
+	if _, err := nsstoken.Module(); err != nil {
+		t.Skipf("skipping: %v", err)
+	}
+	dir := t.TempDir()
+	db, err := nsstoken.New(filepath.Join(dir, "nss"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{noisetor.EnvPKCS11KeyID, noisetor.EnvPKCS11TokenSerial, noisetor.EnvPKCS11PIN,
+		noisetor.EnvPKCS11PINFile, noisetor.EnvPKCS11MaxSessions, noisetor.EnvPKCS11Curve} {
+		t.Setenv(v, "")
+	}
+	t.Setenv(noisetor.EnvPKCS11Module, db.Module)
+	t.Setenv(noisetor.EnvPKCS11InitParams, db.InitParams)
+	t.Setenv(noisetor.EnvPKCS11Token, nsstoken.TokenLabel)
+	r := cli(t, "", "keygen", "--pkcs11", "--pkcs11-key", "nss-server", "--name", "server")
+	r.want(t, exitOK, "never leaves the token")
+	p := cli(t, "", "pubkey", "--pkcs11", "--pkcs11-key", "nss-server", "--name", "server")
+	p.want(t, exitOK, "")
+	if p.stdout != r.stdout || !strings.HasPrefix(p.stdout, "server x25519:") {
+		t.Fatalf("pubkey %q, keygen %q", p.stdout, r.stdout)
+	}
+	cli(t, "", "keygen", "-o", filepath.Join(dir, "client.key")).want(t, exitOK, "")
+	cl := cli(t, "", "pubkey", "--name", "client", filepath.Join(dir, "client.key")).stdout
+	cli(t, cl, "keyring", "add", filepath.Join(dir, "server.keyring"), "-").want(t, exitOK, "")
+	cli(t, r.stdout, "keyring", "add", filepath.Join(dir, "client.keyring"), "-").want(t, exitOK, "")
+	addr, wait := serve(t, context.Background(), strings.NewReader("signed"),
+		"--pkcs11", "--pkcs11-key", "nss-server", "-r", filepath.Join(dir, "server.keyring"))
+	c := cli(t, "psbt", "connect", "-k", filepath.Join(dir, "client.key"), "-r", filepath.Join(dir, "client.keyring"), "--peer", "server", addr)
+	c.want(t, exitOK, "")
+	if c.stdout != "signed" {
+		t.Errorf("client got %q", c.stdout)
+	}
+	if s := wait(); s.code != exitOK || s.stdout != "psbt" {
+		t.Errorf("server: %+v", s)
+	}
 }

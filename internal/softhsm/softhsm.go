@@ -107,18 +107,35 @@ func NewStore(dir string) (*Store, error) {
 	if err := os.MkdirAll(tokens, 0o700); err != nil {
 		return nil, fmt.Errorf("softhsm: %w", err)
 	}
+	st := &Store{Dir: dir, Module: mod}
+	if st.Conf, err = st.WriteConf("softhsm2.conf"); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// WriteConf writes a softhsm2.conf for the store's tokens named name in the
+// store's directory, with extra lines appended (such as
+// "slots.mechanisms = CKM_EC_KEY_PAIR_GEN", which leaves the tokens only
+// that mechanism: SoftHSM 2.6.1 ignores a list of denied ones),
+// and returns its path. Point SOFTHSM2_CONF at it before the module is next
+// initialised.
+func (s *Store) WriteConf(name string, extra ...string) (string, error) {
 	// The Debian build has only the file backend. Without a syslog (as in
 	// containers) log.level does not matter, but ERROR keeps hosts quiet.
-	conf := filepath.Join(dir, "softhsm2.conf")
+	conf := filepath.Join(s.Dir, name)
 	text := "# written by noisetor internal/softhsm\n" +
-		"directories.tokendir = " + tokens + "\n" +
+		"directories.tokendir = " + s.TokenDir() + "\n" +
 		"objectstore.backend = file\n" +
 		"log.level = ERROR\n" +
 		"slots.removable = false\n"
-	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
-		return nil, fmt.Errorf("softhsm: %w", err)
+	for _, l := range extra {
+		text += l + "\n"
 	}
-	return &Store{Dir: dir, Conf: conf, Module: mod}, nil
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		return "", fmt.Errorf("softhsm: %w", err)
+	}
+	return conf, nil
 }
 
 // Env returns the environment entry that points SoftHSM at this store, for a
