@@ -2,7 +2,8 @@
 # install-deps.sh: install the system packages that noisetor's tests use,
 # when they are missing: tor and tor-gencert (Debian package "tor") for the
 # private Tor network of package tortest, and SoftHSM2 (package "softhsm2")
-# for the PKCS#11 tests. Debian and Ubuntu (apt-get) only. Idempotent and
+# for the PKCS#11 tests, and NSS's softokn (package "libnss3") for the tests
+# against a second PKCS#11 module. Debian and Ubuntu (apt-get) only. Idempotent and
 # quiet: it prints nothing when everything is already installed, and runs
 # apt-get update only if the packages cannot be found without it.
 set -eu
@@ -13,6 +14,9 @@ if ! command -v softhsm2-util >/dev/null 2>&1 ||
 	! ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so >/dev/null 2>&1; then
 	need="$need softhsm2"
 fi
+softokn=""
+for f in /usr/lib/*/libsoftokn3.so /usr/lib/*/nss/libsoftokn3.so; do [ -e "$f" ] && softokn=$f; done
+[ -n "$softokn" ] || need="$need libnss3"
 [ -z "$need" ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
