@@ -33,15 +33,36 @@ go test -race -count=1 -timeout 20m ./...
 step "abuse tests without the race detector (strict memory bounds)"
 go test -count=1 -run '^TestAbuse' .
 
-# The one-binary build with Tor linked in. Without -race: bine v0.2.0's
-# tor.Close races with itself (its tor/tor.go lines 425 and 435), which the
-# race detector reports in any test that closes a bine-started tor.
-step "embedded tor (-tags embedtor)"
+# The one-binary build with Tor linked in, on a PATH without tor: every tor
+# of these tests, the private network's included, is the embedded one, and
+# tortest makes the directory authority's certificate without tor-gencert.
+# TestEmbeddedNetwork checks that each tor of the network is the test binary.
+# Without -race: bine v0.2.0's tor.Close races with itself (its tor/tor.go
+# lines 425 and 435), which the race detector reports in any test that
+# closes a bine-started tor. Only the packages that run tors; in the root
+# package, only its Tor tests (the others do not depend on the tag and ran
+# above).
+step "embedded tor (-tags embedtor), no tor or tor-gencert in PATH"
 scripts/build-libtor.sh
-go vet -tags embedtor . ./internal/libtor ./cmd/...
+go vet -tags embedtor ./...
 go build -tags embedtor -o /dev/null ./cmd/noisetor
-go test -tags embedtor -count=1 -timeout 10m ./internal/libtor
-go test -tags embedtor -count=1 -timeout 10m -run '^TestEmbeddedTor' .
+notor=$(mktemp -d)
+trap 'rm -rf "$notor"' EXIT
+IFS=: read -ra pathdirs <<< "$PATH"
+for d in "${pathdirs[@]}"; do
+	for f in "$d"/*; do
+		name=${f##*/}
+		case $name in tor | tor-* | torify) continue ;; esac
+		if [ -f "$f" ] && [ -x "$f" ] && [ ! -e "$notor/$name" ]; then
+			ln -s "$f" "$notor/$name"
+		fi
+	done
+done
+if PATH=$notor command -v tor || PATH=$notor command -v tor-gencert; then
+	echo "tor is still in the PATH of the embedded-tor tests"; exit 1
+fi
+PATH=$notor go test -tags embedtor -count=1 -timeout 15m ./tortest ./internal/libtor ./cmd/noisetor
+PATH=$notor go test -tags embedtor -count=1 -timeout 15m -run '^(TestTor|TestEmbeddedTor|TestRelayOverTor)' .
 
 fuzztime=${NOISETOR_FUZZTIME:-30}
 if [ "$fuzztime" != 0 ]; then

@@ -9,20 +9,6 @@
 // Every socket is bound to 127.0.0.1 and every port is chosen at run time,
 // so test binaries of several packages can each run a network at once.
 //
-// # The embedded tor
-//
-// In a test binary built with -tags embedtor (see scripts/build-libtor.sh),
-// every tor of the network, the authority, the relays and the tors of
-// StartTor, is the tor linked into the test binary, and no tor or
-// tor-gencert executable is needed: each tor is the test binary itself,
-// started again with libtor.ChildArg, which runs tor during package
-// initialization and never reaches the tests. That is the child mode in
-// which noisetor.StartTor runs the embedded tor. tortest then makes the
-// authority's certificate itself instead of with tor-gencert. Set
-// Options.TorPath (for example to "tor") to use a tor executable anyway.
-//
-// Nothing changes in the tests: TestMain calls Main (or Run) as usual.
-//
 // A package's tests usually share one network, started on first use:
 //
 //	func TestMain(m *testing.M) { tortest.Main(m) }
@@ -36,6 +22,19 @@
 // The settings are for tests only: they make a four-relay network bootstrap
 // in seconds and turn off protections (entry guards among them) that a real
 // deployment needs.
+//
+// # The embedded tor
+//
+// In a test binary built with -tags embedtor (after scripts/build-libtor.sh),
+// every tor of the network, the authority, the relays and the tors of
+// StartTor, is the tor linked into the test binary, and no tor or
+// tor-gencert executable is needed. Each tor is the test binary itself,
+// started again with libtor.ChildArg: package libtor then runs tor during
+// initialization, before any test code, and exits with it. That is the
+// child mode in which noisetor.StartTor runs the embedded tor. tortest then
+// makes the authority's keys and certificate itself instead of with
+// tor-gencert. The tests need no change; set Options.TorPath (for example to
+// "tor") to run a network on a tor executable anyway.
 package tortest
 
 import (
@@ -142,7 +141,7 @@ func Start(ctx context.Context, opts *Options) (*Network, error) {
 		return nil, err
 	}
 	// gencert "" means writeAuthorityKeys: only for the embedded tor, so
-	// that a system-tor network is made exactly as before.
+	// that a network on a tor executable is made exactly as before.
 	gencert := ""
 	if o.GencertPath != "" || !tor.embedded() {
 		if o.GencertPath == "" {
