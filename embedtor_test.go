@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,8 +37,9 @@ func TestEmbeddedTorVersion(t *testing.T) {
 	}
 }
 
-// embeddedTorChildren returns the pids of this process's embedded tor
-// children.
+// embeddedTorChildren returns the pids of the embedded tor children that
+// this process started through the library. (The tortest network's tors are
+// embedded tor children too; only the library's have __OwningControllerFD.)
 func embeddedTorChildren(t *testing.T) []int {
 	t.Helper()
 	self, err := os.Readlink("/proc/self/exe")
@@ -58,7 +60,8 @@ func embeddedTorChildren(t *testing.T) []int {
 		}
 		cmdline, _ := os.ReadFile(d + "/cmdline")
 		args := strings.Split(string(cmdline), "\x00")
-		if exe, _ := os.Readlink(d + "/exe"); exe == self && len(args) > 1 && args[1] == libtor.ChildArg {
+		if exe, _ := os.Readlink(d + "/exe"); exe == self && len(args) > 1 && args[1] == libtor.ChildArg &&
+			slices.Contains(args, "__OwningControllerFD") {
 			pid, _ := strconv.Atoi(filepath.Base(d))
 			pids = append(pids, pid)
 		}
@@ -69,7 +72,7 @@ func embeddedTorChildren(t *testing.T) []int {
 // TestEmbeddedTorOnion: with the embedtor tag, StartTor without ExePath runs
 // the embedded tor (a child process of this test binary, no tor executable
 // involved). It joins the private network, serves an onion service, and a
-// peer on the system tor completes a noisetor handshake with it; after the
+// peer on a tortest tor completes a noisetor handshake with it; after the
 // embedded tor is killed, StartTor's supervisor starts it again and the
 // service is reachable again.
 func TestEmbeddedTorOnion(t *testing.T) {

@@ -17,6 +17,11 @@
 # Both are generated and must stay out of git.
 #
 # Options:
+#   --client-only
+#             leave out tor's relay and directory-authority modules: a
+#             smaller binary that can only be a client and onion service.
+#             The tortest fixture then cannot run its network on the
+#             embedded tor (go test -tags embedtor needs the default build).
 #   --gpl     also build tor's onion-service proof-of-work module. tor then
 #             needs --enable-gpl and the resulting binary, noisetor included,
 #             is covered by the GPL-3.0. The default build keeps tor's
@@ -32,9 +37,10 @@
 #   JOBS                   parallel make jobs (default: nproc)
 set -euo pipefail
 
-gpl=0 update=0 force=0
+gpl=0 update=0 force=0 relay=1
 for arg in "$@"; do
   case $arg in
+    --client-only) relay=0 ;;
     --gpl) gpl=1 ;;
     --update) update=1 ;;
     --force) force=1 ;;
@@ -50,9 +56,10 @@ jobs=${JOBS:-$(nproc)}
 # The live Tor network refuses clients older than this (they lack FlowCtrl=1).
 min_tor=0.4.8
 # Part of the cache key: bump it whenever the configure or make steps change.
-recipe=1
+recipe=2
 variant=bsd
 [ "$gpl" = 1 ] && variant=gpl
+[ "$relay" = 0 ] && variant=$variant-client
 
 t0=$(date +%s)
 log() { printf '[build-libtor %4ds] %s\n' "$(($(date +%s) - t0))" "$*"; }
@@ -194,7 +201,9 @@ install_into_tree() {
 summary() {
   local lic="3-clause BSD, no onion-service PoW"
   [ "$gpl" = 1 ] && lic="GPL-3.0 (--enable-gpl), with onion-service PoW"
-  echo "libtor: tor $torver from Debian source $debver; $lic"
+  local mods="relay and directory-authority modules"
+  [ "$relay" = 0 ] && mods="client only"
+  echo "libtor: tor $torver from Debian source $debver; $lic; $mods"
   echo "libtor: $(du -h "$out/lib/libtor.a" | cut -f1) $out/lib/libtor.a"
 }
 
@@ -221,13 +230,16 @@ for opt in __OwningControllerFD __DisableSignalHandlers; do
   grep -q "\"$opt\"" src/app/config/config.c || die "tor $torver has no $opt option"
 done
 
-modflags=(--disable-module-relay --disable-module-dirauth)
+modflags=()
+[ "$relay" = 0 ] && modflags=(--disable-module-relay --disable-module-dirauth)
 licflags=(--disable-module-pow)
 [ "$gpl" = 1 ] && licflags=(--enable-gpl)
 log "configure ($variant)"
 t1=$(date +%s)
-# --disable-module-relay/-dirauth: client, onion service and control port
-#   only. --disable-seccomp: Sandbox 1 would filter the whole Go process.
+# The relay and dirauth modules are what tortest's private network (a
+#   directory authority and relays) runs on; a client or onion service never
+#   turns them on. --client-only drops them.
+# --disable-seccomp: Sandbox 1 would filter the whole Go process.
 # --enable-pic: -fPIC, so -buildmode=pie and c-shared also link.
 # ac_cv_header_execinfo_h=no compiles out tor's crash handler, which would
 #   replace the Go runtime's SIGSEGV/SIGBUS/SIGFPE handlers: a recoverable

@@ -2,9 +2,9 @@
 # The README's test command. Installs what the tests need (tor, tor-gencert,
 # softhsm2) when missing, then runs every check: gofmt, go vet, the whole
 # suite under the race detector against a real private Tor network and real
-# SoftHSM2 tokens, the embedded-Tor build and its tests, and every fuzz
-# target for NOISETOR_FUZZTIME seconds (default 30; 0 skips the fuzzing, the
-# seed corpora still run as tests).
+# SoftHSM2 tokens, the embedded-Tor build and the whole suite again on it
+# with no tor in PATH, and every fuzz target for NOISETOR_FUZZTIME seconds
+# (default 30; 0 skips the fuzzing, the seed corpora still run as tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,15 +33,34 @@ go test -race -count=1 -timeout 20m ./...
 step "abuse tests without the race detector (strict memory bounds)"
 go test -count=1 -run '^TestAbuse' .
 
-# The one-binary build with Tor linked in. Without -race: bine v0.2.0's
-# tor.Close races with itself (its tor/tor.go lines 425 and 435), which the
-# race detector reports in any test that closes a bine-started tor.
-step "embedded tor (-tags embedtor)"
+# The one-binary build with Tor linked in, tested as a user without a tor
+# package would test it: go test -tags embedtor ./... on a PATH that has
+# every command but tor and tor-gencert (symlinks). Every tor of the tests,
+# the private network's included, is then the embedded one, and tortest makes
+# the directory authority's certificate itself; TestEmbeddedNetwork checks
+# that each tor of the network is the test binary. Without -race: bine
+# v0.2.0's tor.Close races with itself (its tor/tor.go lines 425 and 435),
+# which the race detector reports in any test that closes a bine-started tor.
+step "embedded tor (-tags embedtor), no tor or tor-gencert in PATH"
 scripts/build-libtor.sh
-go vet -tags embedtor . ./internal/libtor ./cmd/...
+go vet -tags embedtor ./...
 go build -tags embedtor -o /dev/null ./cmd/noisetor
-go test -tags embedtor -count=1 -timeout 10m ./internal/libtor
-go test -tags embedtor -count=1 -timeout 10m -run '^TestEmbeddedTor' .
+notor=$(mktemp -d)
+trap 'rm -rf "$notor"' EXIT
+IFS=: read -ra pathdirs <<< "$PATH"
+for d in "${pathdirs[@]}"; do
+	for f in "$d"/*; do
+		name=${f##*/}
+		case $name in tor | tor-* | torify) continue ;; esac
+		if [ -f "$f" ] && [ -x "$f" ] && [ ! -e "$notor/$name" ]; then
+			ln -s "$f" "$notor/$name"
+		fi
+	done
+done
+if PATH=$notor command -v tor || PATH=$notor command -v tor-gencert; then
+	echo "tor is still in the PATH of the embedded-tor tests"; exit 1
+fi
+PATH=$notor go test -tags embedtor -count=1 -timeout 15m ./...
 
 fuzztime=${NOISETOR_FUZZTIME:-30}
 if [ "$fuzztime" != 0 ]; then

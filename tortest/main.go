@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/noisetor/noisetor/internal/libtor"
 )
 
 // RequireEnv lists the environment variables that, when set to a non-empty
@@ -22,9 +24,9 @@ var shared struct {
 }
 
 // Shared returns the network shared by the tests of this test binary,
-// starting it on the first call; Main stops it after the tests. If tor or
-// tor-gencert is not installed, Shared skips t, unless one of RequireEnv is
-// set, in which case it fails t.
+// starting it on the first call; Main stops it after the tests. If
+// Available reports an error (tor or tor-gencert is not installed), Shared
+// skips t, unless one of RequireEnv is set, in which case it fails t.
 func Shared(t TB) *Network {
 	t.Helper()
 	if err := Available(); err != nil {
@@ -46,7 +48,7 @@ func Shared(t TB) *Network {
 		if shared.err == nil {
 			// t.Logf must not outlive this test.
 			shared.n.logf = func(string, ...any) {}
-			t.Logf("tortest: shared private Tor network ready in %.1fs (%s)", shared.n.StartupTime.Seconds(), shared.n.Dir)
+			t.Logf("tortest: shared private Tor network (%s) ready in %.1fs (%s)", shared.n.torName(), shared.n.StartupTime.Seconds(), shared.n.Dir)
 		}
 	}
 	if shared.err != nil {
@@ -82,9 +84,15 @@ func CloseShared() error {
 	return n.Close()
 }
 
-// Available reports whether tor and tor-gencert are installed, with an
-// error wrapping ErrNoTor if not.
+// Available reports whether Start can run a network with the default
+// Options: whether tor and tor-gencert are installed (an error wrapping
+// ErrNoTor if not) or, in a binary built with -tags embedtor, whether the
+// embedded tor can run one (ErrEmbeddedClientOnly if not).
 func Available() error {
+	if libtor.Available {
+		_, err := embeddedTor()
+		return err
+	}
 	for _, exe := range []string{"tor", "tor-gencert"} {
 		if _, err := exec.LookPath(exe); err != nil {
 			return fmt.Errorf("%w: %v", ErrNoTor, err)

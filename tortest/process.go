@@ -2,6 +2,7 @@ package tortest
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,7 +16,7 @@ import (
 type torProc struct {
 	name    string
 	dir     string // DataDirectory; holds torrc and notice.log
-	torPath string
+	tor     torExe
 	torrc   string
 	orPort  int // relays only
 	dirPort int // the authority only
@@ -44,7 +45,7 @@ func (p *torProc) start() error {
 		fmt.Fprintf(f, "---- tortest: starting %s at %s\n", p.name, time.Now().Format(time.TimeOnly))
 		f.Close()
 	}
-	cmd := exec.Command(p.torPath, "-f", path)
+	cmd := p.tor.command(context.Background(), "-f", path)
 	cmd.SysProcAttr = sysProcAttr()
 	out := &tailBuffer{max: 8 << 10}
 	cmd.Stdout, cmd.Stderr = out, out
@@ -87,6 +88,16 @@ func (p *torProc) exitError() error {
 		return fmt.Errorf("%w: tor %s could not bind its port:\n%s", errPortInUse, p.name, tail)
 	}
 	return fmt.Errorf("tortest: tor %s exited (%v):\n%s%s", p.name, waitErr, out, tail)
+}
+
+// pid returns the process id of the tor last started, or 0.
+func (p *torProc) pid() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil || p.cmd.Process == nil {
+		return 0
+	}
+	return p.cmd.Process.Pid
 }
 
 // running reports whether the tor process is alive.

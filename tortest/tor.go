@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/textproto"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -112,7 +111,7 @@ func (n *Network) StartTor(ctx context.Context, opts *TorOptions) (*Tor, error) 
 	t := &Tor{Name: o.Name, ControlPassword: o.ControlPassword, n: n, bootstrap: o.BootstrapTimeout,
 		DataDir: filepath.Join(n.Dir, o.Name)}
 	// t.p exists from here on, so Close works on a tor whose start failed.
-	t.p = &torProc{name: o.Name, dir: t.DataDir, torPath: n.torPath}
+	t.p = &torProc{name: o.Name, dir: t.DataDir, tor: n.tor}
 	n.tors = append(n.tors, t)
 	n.mu.Unlock()
 
@@ -120,7 +119,7 @@ func (n *Network) StartTor(ctx context.Context, opts *TorOptions) (*Tor, error) 
 	b.WriteString(n.commonTorrc(t.DataDir))
 	b.WriteString("UseEntryGuards 0\n")
 	if o.ControlPassword != "" {
-		hash, err := hashPassword(ctx, n.torPath, o.ControlPassword)
+		hash, err := hashPassword(ctx, n.tor, o.ControlPassword)
 		if err != nil {
 			return nil, err
 		}
@@ -323,8 +322,8 @@ func (t *Tor) waitBootstrapped(ctx context.Context) error {
 }
 
 // hashPassword runs tor --hash-password.
-func hashPassword(ctx context.Context, torPath, pw string) (string, error) {
-	out, err := exec.CommandContext(ctx, torPath, "--quiet", "--hash-password", pw).Output()
+func hashPassword(ctx context.Context, tor torExe, pw string) (string, error) {
+	out, err := tor.command(ctx, "--quiet", "--hash-password", pw).Output()
 	if err != nil {
 		return "", fmt.Errorf("tortest: tor --hash-password: %w", err)
 	}

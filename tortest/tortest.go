@@ -22,6 +22,19 @@
 // The settings are for tests only: they make a four-relay network bootstrap
 // in seconds and turn off protections (entry guards among them) that a real
 // deployment needs.
+//
+// # The embedded tor
+//
+// In a test binary built with -tags embedtor (after scripts/build-libtor.sh),
+// every tor of the network, the authority, the relays and the tors of
+// StartTor, is the tor linked into the test binary, and no tor or
+// tor-gencert executable is needed. Each tor is the test binary itself,
+// started again with libtor.ChildArg: package libtor then runs tor during
+// initialization, before any test code, and exits with it. That is the
+// child mode in which noisetor.StartTor runs the embedded tor. tortest then
+// makes the authority's keys and certificate itself instead of with
+// tor-gencert. The tests need no change; set Options.TorPath (for example to
+// "tor") to run a network on a tor executable anyway.
 package tortest
 
 import (
@@ -43,7 +56,10 @@ import (
 // Options configures Start. The zero value is the recommended network.
 type Options struct {
 	// TorPath and GencertPath are the tor and tor-gencert executables.
-	// Defaults: "tor" and "tor-gencert", looked up in PATH.
+	// Defaults: "tor" and "tor-gencert", looked up in PATH. In a binary
+	// built with -tags embedtor, an empty TorPath means the embedded tor,
+	// and an empty GencertPath then means that Start makes the authority's
+	// keys and certificate itself.
 	TorPath, GencertPath string
 
 	// Relays is the number of relays besides the directory authority.
@@ -69,7 +85,12 @@ type Network struct {
 	// StartupTime is how long Start took, key generation included.
 	StartupTime time.Duration
 
-	torPath      string
+	// Embedded reports whether the network's tors, and those of StartTor,
+	// are the tor linked into this binary (-tags embedtor) rather than a
+	// tor executable.
+	Embedded bool
+
+	tor          torExe
 	dirAuthority string // the "DirAuthority ..." torrc line
 	ownDir       bool
 	logf         func(string, ...any)
@@ -92,8 +113,8 @@ const (
 	votingLead     = 9
 )
 
-// ErrNoTor is returned by Start when the tor or tor-gencert executable is
-// missing.
+// ErrNoTor is returned by Start when the tor or tor-gencert executable that
+// it needs is missing.
 var ErrNoTor = errors.New("tortest: tor is not installed (Debian/Ubuntu: apt-get install tor)")
 
 // Start generates keys and configuration, launches the directory authority
@@ -105,12 +126,6 @@ func Start(ctx context.Context, opts *Options) (*Network, error) {
 	if opts != nil {
 		o = *opts
 	}
-	if o.TorPath == "" {
-		o.TorPath = "tor"
-	}
-	if o.GencertPath == "" {
-		o.GencertPath = "tor-gencert"
-	}
 	if o.Relays == 0 {
 		o.Relays = 3
 	}
@@ -120,22 +135,29 @@ func Start(ctx context.Context, opts *Options) (*Network, error) {
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
-	for _, exe := range []*string{&o.TorPath, &o.GencertPath} {
-		p, err := exec.LookPath(*exe)
-		if err != nil {
+	start := time.Now()
+	tor, err := findTor(o.TorPath)
+	if err != nil {
+		return nil, err
+	}
+	// gencert "" means writeAuthorityKeys: only for the embedded tor, so
+	// that a network on a tor executable is made exactly as before.
+	gencert := ""
+	if o.GencertPath != "" || !tor.embedded() {
+		if o.GencertPath == "" {
+			o.GencertPath = "tor-gencert"
+		}
+		if gencert, err = exec.LookPath(o.GencertPath); err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrNoTor, err)
 		}
-		*exe = p
 	}
-	start := time.Now()
 	sweepStaleDirs()
-	var err error
 	for attempt := 1; ; attempt++ {
 		var n *Network
-		n, err = startOnce(ctx, &o)
+		n, err = startOnce(ctx, &o, tor, gencert)
 		if err == nil {
 			n.StartupTime = time.Since(start)
-			o.Logf("tortest: private Tor network (1 authority + %d relays) ready in %.1fs", o.Relays, n.StartupTime.Seconds())
+			o.Logf("tortest: private Tor network (1 authority + %d relays) ready in %.1fs (%s)", o.Relays, n.StartupTime.Seconds(), n.torName())
 			return n, nil
 		}
 		// Ports are probed free before tor binds them; another process can
@@ -149,8 +171,8 @@ func Start(ctx context.Context, opts *Options) (*Network, error) {
 
 var errPortInUse = errors.New("tortest: a port was taken by another process")
 
-func startOnce(ctx context.Context, o *Options) (_ *Network, err error) {
-	n := &Network{Dir: o.Dir, torPath: o.TorPath, logf: o.Logf}
+func startOnce(ctx context.Context, o *Options, tor torExe, gencert string) (_ *Network, err error) {
+	n := &Network{Dir: o.Dir, tor: tor, Embedded: tor.embedded(), logf: o.Logf}
 	if n.Dir == "" {
 		if n.Dir, err = makeOwnedDir("tortest-net-"); err != nil {
 			return nil, err
@@ -181,7 +203,7 @@ func startOnce(ctx context.Context, o *Options) (_ *Network, err error) {
 		if err := os.MkdirAll(filepath.Join(dir, "keys"), 0o700); err != nil {
 			return nil, fmt.Errorf("tortest: %w", err)
 		}
-		p := &torProc{name: name, dir: dir, torPath: o.TorPath, orPort: ports[i+1]}
+		p := &torProc{name: name, dir: dir, tor: tor, orPort: ports[i+1]}
 		if i == 0 {
 			p.dirPort = ports[0]
 		}
@@ -189,27 +211,41 @@ func startOnce(ctx context.Context, o *Options) (_ *Network, err error) {
 	}
 	auth := n.nodes[0]
 
-	// The authority's long-term keys: an identity key and certificate from
-	// tor-gencert (empty passphrase on stdin), and its relay identity, whose
-	// fingerprint the DirAuthority line needs.
+	// The authority's long-term keys: an identity key and certificate (from
+	// tor-gencert, or made here), and its relay identity, whose fingerprint
+	// the DirAuthority line needs. Both at once: each takes a moment.
 	keys := filepath.Join(auth.dir, "keys")
-	gen := exec.CommandContext(ctx, o.GencertPath, "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
-		"-a", fmt.Sprintf("127.0.0.1:%d", auth.dirPort),
-		"-i", filepath.Join(keys, "authority_identity_key"),
-		"-s", filepath.Join(keys, "authority_signing_key"),
-		"-c", filepath.Join(keys, "authority_certificate"))
-	gen.Stdin = strings.NewReader("\n")
-	if out, err := gen.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("tortest: tor-gencert: %w: %s", err, bytes.TrimSpace(out))
-	}
-	v3ident, err := fieldAfter(filepath.Join(keys, "authority_certificate"), "fingerprint")
-	if err != nil {
-		return nil, err
-	}
-	fp := exec.CommandContext(ctx, o.TorPath, "--list-fingerprint", "--DataDirectory", auth.dir,
+	dirAddr := fmt.Sprintf("127.0.0.1:%d", auth.dirPort)
+	var v3ident string
+	var certErr error
+	certDone := make(chan struct{})
+	go func() {
+		defer close(certDone)
+		if gencert == "" {
+			v3ident, certErr = writeAuthorityKeys(keys, dirAddr, time.Now(), 365*24*time.Hour)
+			return
+		}
+		gen := exec.CommandContext(ctx, gencert, "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
+			"-a", dirAddr,
+			"-i", filepath.Join(keys, "authority_identity_key"),
+			"-s", filepath.Join(keys, "authority_signing_key"),
+			"-c", filepath.Join(keys, "authority_certificate"))
+		gen.Stdin = strings.NewReader("\n")
+		if out, err := gen.CombinedOutput(); err != nil {
+			certErr = fmt.Errorf("tortest: tor-gencert: %w: %s", err, bytes.TrimSpace(out))
+			return
+		}
+		v3ident, certErr = fieldAfter(filepath.Join(keys, "authority_certificate"), "fingerprint")
+	}()
+	fp := tor.command(ctx, "--list-fingerprint", "--DataDirectory", auth.dir,
 		"--ORPort", "1", "--ignore-missing-torrc", "-f", filepath.Join(auth.dir, "no-torrc"))
-	if out, err := fp.CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("tortest: tor --list-fingerprint: %w: %s", err, bytes.TrimSpace(out))
+	out, fpErr := fp.CombinedOutput()
+	<-certDone
+	if certErr != nil {
+		return nil, certErr
+	}
+	if fpErr != nil {
+		return nil, fmt.Errorf("tortest: tor --list-fingerprint: %w: %s", fpErr, bytes.TrimSpace(out))
 	}
 	relayFP, err := fieldAfter(filepath.Join(auth.dir, "fingerprint"), "") // "Unnamed <fingerprint>"
 	if err != nil {
@@ -252,11 +288,19 @@ func startOnce(ctx context.Context, o *Options) (_ *Network, err error) {
 			return nil, err
 		}
 	}
-	o.Logf("tortest: launched %d tors in %s", len(n.nodes), n.Dir)
+	o.Logf("tortest: launched %d tors (%s) in %s", len(n.nodes), n.torName(), n.Dir)
 	if err := n.waitReady(ctx, o.ReadyTimeout); err != nil {
 		return nil, err
 	}
 	return n, nil
+}
+
+// torName says which tor the network runs, for log lines.
+func (n *Network) torName() string {
+	if n.Embedded {
+		return "embedded tor"
+	}
+	return n.tor.path
 }
 
 // commonTorrc is the part of the torrc that every tor of the network has.

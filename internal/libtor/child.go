@@ -62,17 +62,6 @@ func (p *childProcess) EmbeddedControlConn() (net.Conn, error) {
 	return embeddedControlConn(&p.owner, p.started)
 }
 
-// selfExe names the running executable. /proc/self/exe still works when the
-// file has been replaced or deleted since this process started (an upgrade),
-// and always runs the same code as the parent.
-func selfExe() (string, error) {
-	const proc = "/proc/self/exe"
-	if _, err := os.Stat(proc); err == nil {
-		return proc, nil
-	}
-	return os.Executable()
-}
-
 // Start implements process.Process.
 func (p *childProcess) Start() error {
 	p.mu.Lock()
@@ -89,7 +78,7 @@ func (p *childProcess) Start() error {
 		p.owner = o
 	}
 	owner := p.owner
-	exe, err := selfExe()
+	exe, err := Executable()
 	if err != nil {
 		// Closing tor's end makes a control connection already handed to
 		// bine read EOF instead of waiting for a tor that never ran.

@@ -127,8 +127,8 @@ func TestVersion(t *testing.T) {
 }
 
 // TestInProcess runs the one in-process tor this test binary may have: it
-// joins the private network, publishes an onion service that a peer on the
-// system tor reaches with a noisetor handshake, and shows that the Go
+// joins the private network, publishes an onion service that a peer on a
+// tortest tor (embedded too) reaches with a noisetor handshake, and shows that the Go
 // process keeps its panics, signals and descriptors while tor runs, that a
 // second start and a restart are refused without harm, and that Go's
 // crash handling survives tor's exit.
@@ -267,7 +267,7 @@ func checkPanicsRecoverable(t *testing.T) {
 	try("division by zero", func() { divide(1, 0) })
 }
 
-// noiseOverOnion publishes an onion service on tr and has the system tor
+// noiseOverOnion publishes an onion service on tr and has the tortest tor
 // peer reach it with a noisetor KK handshake.
 func noiseOverOnion(t *testing.T, tr *tor.Tor, peer *tortest.Tor) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -484,7 +484,7 @@ func parentHelper(dir string) {
 }
 
 // TestChildOnion: the default creator's tor joins the private network and
-// serves an onion service that a system tor peer reaches with noisetor.
+// serves an onion service that a tortest tor peer reaches with noisetor.
 func TestChildOnion(t *testing.T) {
 	n := tortest.Shared(t)
 	peer := n.NewTor(t, nil)
