@@ -28,6 +28,11 @@ import (
 // Without tor installed they are skipped, unless NOISETOR_REQUIRE_ALL is set.
 
 func TestMain(m *testing.M) {
+	if probes := os.Getenv(torProbeEnv); probes != "" {
+		// A copy of this binary run as another local user (TestTorLocalUser).
+		torRunProbes(probes)
+		os.Exit(0)
+	}
 	code := m.Run()
 	torCloseShared()
 	if err := tortest.CloseShared(); err != nil {
