@@ -327,7 +327,7 @@ func (t *Tor) supervise(s *torSession) {
 		// try, so one that comes back is found within maxBackoff.
 		backoff, maxBackoff := 100*time.Millisecond, 10*time.Second
 		if !t.owned {
-			maxBackoff = 500 * time.Millisecond
+			maxBackoff = 200 * time.Millisecond
 		}
 		for {
 			select {
