@@ -1701,9 +1701,6 @@ func (t *Tor) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 	return (&TorDialer{Tor: t}).DialContext(ctx, network, addr)
 }
 
-// hsRefetchAfter: see DialContext.
-const hsRefetchAfter = 500 * time.Millisecond
-
 // DefaultTorRetryFor is TorDialer.RetryFor's default.
 const DefaultTorRetryFor = 30 * time.Second
 
@@ -1769,25 +1766,8 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 			s.addLongLivedPort(ctx, port)
 		}
 		actx, cancel := context.WithDeadline(ctx, giveUp)
-		var refetch *time.Timer
-		if isOnion {
-			// tor goes through every introduction point of the descriptor it
-			// has before it fetches a new one: slow when the service has
-			// restarted on new introduction points. An attempt that takes a
-			// while has tor fetch the descriptor in parallel (HSFETCH); the
-			// fresh one replaces the cached one, and tor uses it from its
-			// next introduction.
-			refetch = time.AfterFunc(hsRefetchAfter, func() {
-				rctx, rcancel := context.WithTimeout(t.ctx, 5*time.Second)
-				defer rcancel()
-				s.ctl.request(rctx, "HSFETCH", "HSFETCH "+id)
-			})
-		}
 		c, err := s.dialSOCKS(actx, user, addr)
 		timedOut := actx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded)
-		if refetch != nil {
-			refetch.Stop()
-		}
 		cancel()
 		if err == nil {
 			return torStream{c}, nil
