@@ -336,6 +336,13 @@ func (l *OnionListener) checkOnce(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	d := &TorDialer{Tor: l.t, ClientAuth: c.key, RetryFor: c.timeout, isolation: "noisetor-check:" + hex.EncodeToString(nonce[:8])}
+	if c.key != nil && !l.t.owned {
+		// An attached tor's SOCKS port may be open to other local users:
+		// the checks' key must not stay registered there, or they could
+		// use it to pass our client authorization. (Removing it also drops
+		// the descriptor it decrypted.)
+		defer l.forgetCheckKey()
+	}
 	conn, err := d.DialContext(ctx, "tcp", fmt.Sprintf("%s.onion:%d", l.id, c.port))
 	if err != nil {
 		return err
@@ -354,6 +361,28 @@ func (l *OnionListener) checkOnce(ctx context.Context) error {
 		return fmt.Errorf("noisetor: onion service check: wrong echo")
 	}
 	return nil
+}
+
+// forgetCheckKey removes the checks' client-auth key from tor.
+func (l *OnionListener) forgetCheckKey() {
+	t := l.t
+	t.mu.Lock()
+	if t.clientAuth[l.id] == l.check.key {
+		delete(t.clientAuth, l.id)
+	}
+	s := t.sess
+	t.mu.Unlock()
+	if s == nil {
+		return
+	}
+	s.authMu.Lock()
+	if s.registered[l.id] == l.check.key {
+		delete(s.registered, l.id)
+	}
+	s.authMu.Unlock()
+	ctx, cancel := context.WithTimeout(t.ctx, 5*time.Second)
+	defer cancel()
+	s.ctl.request(ctx, "ONION_CLIENT_AUTH_REMOVE", "ONION_CLIENT_AUTH_REMOVE "+l.id)
 }
 
 // republish removes the service from tor and adds it again (DEL_ONION,
