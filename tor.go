@@ -1109,7 +1109,8 @@ type OnionConfig struct {
 	// OnStatus, if set, is called with the service's status each time its
 	// State changes (changes in quick succession may be reported once, with
 	// the latest status), from when ListenOnion returns until Close. It runs
-	// on its own goroutine, one call at a time.
+	// on its own goroutine, one call at a time; Close waits for a call in
+	// progress, so it must not block.
 	OnStatus func(OnionStatus)
 }
 
@@ -1735,15 +1736,31 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 	}
 	isOnion := strings.HasSuffix(strings.ToLower(host), ".onion")
 	id := strings.TrimSuffix(strings.ToLower(host), ".onion")
+	// Everything below, control-port requests included, ends at giveUp.
+	dctx, dcancel := context.WithDeadline(ctx, giveUp)
+	defer dcancel()
+	var last *TorDialError
+	timeout := func() error {
+		if err := ctx.Err(); err != nil {
+			return torTimeout(addr, start, err, last, isOnion)
+		}
+		return torTimeout(addr, start, context.DeadlineExceeded, last, isOnion)
+	}
 	if d.ClientAuth != nil && isOnion {
 		t.mu.Lock()
 		t.clientAuth[id] = d.ClientAuth
 		t.mu.Unlock()
-		s, err := t.session(ctx)
+		s, err := t.session(dctx)
 		if err != nil {
+			if dctx.Err() != nil {
+				return nil, timeout()
+			}
 			return nil, err
 		}
-		if err := s.registerClientAuth(ctx, id, d.ClientAuth, false); err != nil {
+		if err := s.registerClientAuth(dctx, id, d.ClientAuth, false); err != nil {
+			if dctx.Err() != nil {
+				return nil, timeout()
+			}
 			return nil, fmt.Errorf("noisetor: registering client-auth key for %s: %w", host, err)
 		}
 	}
@@ -1752,31 +1769,24 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 		user = "noisetor:" + addr
 	}
 	backoff := 250 * time.Millisecond
-	var last *TorDialError
 	authRetried := false
 	for attempt := 1; ; attempt++ {
-		s, err := t.session(ctx)
+		s, err := t.session(dctx)
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, torTimeout(addr, start, ctx.Err(), last, isOnion)
+			if dctx.Err() != nil {
+				return nil, timeout()
 			}
 			return nil, err
 		}
 		if isOnion && port > 0 {
-			s.addLongLivedPort(ctx, port)
+			s.addLongLivedPort(dctx, port)
 		}
-		actx, cancel := context.WithDeadline(ctx, giveUp)
-		c, err := s.dialSOCKS(actx, user, addr)
-		timedOut := actx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded)
-		cancel()
+		c, err := s.dialSOCKS(dctx, user, addr)
 		if err == nil {
 			return torStream{c}, nil
 		}
-		if ctx.Err() != nil {
-			return nil, torTimeout(addr, start, ctx.Err(), last, isOnion)
-		}
-		if timedOut {
-			return nil, torTimeout(addr, start, context.DeadlineExceeded, last, isOnion)
+		if dctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, timeout()
 		}
 		derr := classifySOCKSError(addr, err)
 		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
@@ -1795,7 +1805,7 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 			// them all, and the SIGNAL event may not have been handled
 			// yet): register it again and retry at once, once.
 			authRetried = true
-			if err := s.registerClientAuth(ctx, id, d.ClientAuth, true); err == nil {
+			if err := s.registerClientAuth(dctx, id, d.ClientAuth, true); err == nil {
 				t.log.Info("noisetor: tor had lost our client-auth key; registered it again", "onion", host)
 				continue
 			}
@@ -1804,17 +1814,14 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 			return nil, derr
 		}
 		last = derr
-		if time.Now().Add(backoff).After(giveUp) {
-			return nil, torTimeout(addr, start, context.DeadlineExceeded, last, isOnion)
-		}
-		if dl, ok := ctx.Deadline(); ok && time.Now().Add(backoff).After(dl) {
-			return nil, torTimeout(addr, start, context.DeadlineExceeded, last, isOnion)
+		if dl, _ := dctx.Deadline(); time.Now().Add(backoff).After(dl) {
+			return nil, timeout()
 		}
 		t.log.Debug("noisetor: tor dial failed; retrying", "addr", addr, "attempt", attempt, "err", derr, "retry_in", backoff)
 		select {
 		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, torTimeout(addr, start, ctx.Err(), last, isOnion)
+		case <-dctx.Done():
+			return nil, timeout()
 		}
 		backoff = min(2*backoff, 2*time.Second)
 	}
@@ -1911,7 +1918,7 @@ var socksReasons = map[int]string{
 	0x02: "not allowed by tor's rules",
 	0x03: "network unreachable",
 	0x04: "host unreachable",
-	0x05: "connection refused by the destination (nothing listening on that port?)",
+	0x05: "connection refused by the destination (nothing listening on that port, or the onion service's MaxStreams reached?)",
 	0x06: "timed out",
 	0x07: "command not supported",
 	0x08: "address type not supported",
