@@ -363,6 +363,7 @@ func (t *Tor) supervise(s *torSession) {
 		}
 		t.mu.Unlock()
 		t.log.Info("noisetor: tor is back", "version", s.version, "socks", s.socksAddr, "pid", s.pid, "onion_services", len(ls))
+		// At once, not after bootstrap: tor publishes as soon as it can.
 		for _, l := range ls {
 			if err := l.publish(s); err != nil {
 				t.log.Error("noisetor: republishing onion service", "onion", l.Addr().String(), "err", err)
@@ -791,7 +792,7 @@ func (s *torSession) waitBootstrap(ctx context.Context) error {
 			return s.err
 		case <-ctx.Done():
 			return fmt.Errorf("noisetor: tor did not bootstrap (%s): %w", last, ctx.Err())
-		case <-time.After(250 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
@@ -897,7 +898,7 @@ func dialTorControl(ctx context.Context, network, addr, password string, onEvent
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: control port %s: %v", ErrTorDown, addr, err)
+		return nil, fmt.Errorf("%w: control port %s: %w", ErrTorDown, addr, err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
