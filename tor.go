@@ -84,14 +84,16 @@ type TorConfig struct {
 
 	// ProcessCreator, if set, creates the tor process instead of running
 	// ExePath; an embedded tor plugs in here. The process must accept tor's
-	// command line and open a TCP control port (--ControlPort auto with
-	// --ControlPortWriteToFile).
+	// command line, which names the Unix sockets of the control and SOCKS
+	// ports (--ControlPort unix:PATH, --SocksPort unix:PATH ...).
 	ProcessCreator process.Creator
 
 	// Torrc holds extra torrc lines, for example Bridge lines, or a private
 	// test network's DirAuthority (see package tortest). noisetor sets
-	// DataDirectory, ControlPort, SocksPort and CookieAuthentication itself on
-	// the command line, which takes precedence over the torrc.
+	// DataDirectory, ControlPort, SocksPort, SocksTimeout and
+	// CookieAuthentication itself on the command line, which takes
+	// precedence over the torrc: the tor has no TCP port unless ExtraArgs
+	// add one ("+SocksPort" adds to noisetor's line, not replacing it).
 	Torrc []string
 
 	// ExtraArgs are appended to tor's command line.
@@ -112,6 +114,10 @@ type TorAttachConfig struct {
 
 	// SocksAddr is tor's SOCKS5 listener, "host:port" or "unix:/path".
 	// Default: the first one tor reports (GETINFO net/listeners/socks).
+	// AttachTor checks its flags (GETCONF SocksPort): it refuses
+	// NoIsolateSOCKSAuth and NoOnionTraffic, and warns without
+	// ExtendedErrors. A TCP SOCKS port is open to every local user, who can
+	// then use the client-auth keys that TorDialer registers with this tor.
 	SocksAddr string
 
 	// Logger is as in TorConfig.
@@ -121,9 +127,11 @@ type TorAttachConfig struct {
 // A Tor is a running tor process, launched by StartTor or attached to by
 // AttachTor, and supervised: when tor dies or its control connection drops,
 // a Tor started by StartTor launches tor again and an attached Tor
-// reconnects, both with backoff; then every open OnionListener is published
-// again under the same address and every client-authorization key is
-// registered again. While tor is down, dials fail at once with ErrTorDown.
+// reconnects (within 200 ms of tor answering again), both with backoff; then
+// every open OnionListener is published again under the same address, at
+// once, and every client-authorization key is registered again (as after a
+// SIGNAL NEWNYM from any controller, which makes tor drop them). While tor
+// is down, dials fail at once with ErrTorDown.
 //
 // It is safe for concurrent use. Close stops the supervision (and the tor
 // process, if StartTor launched it).
