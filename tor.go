@@ -92,8 +92,7 @@ type TorConfig struct {
 	// test network's DirAuthority (see package tortest). noisetor sets
 	// DataDirectory, ControlPort, SocksPort, SocksTimeout and
 	// CookieAuthentication itself on the command line, which takes
-	// precedence over the torrc: the tor has no TCP port unless ExtraArgs
-	// add one ("+SocksPort" adds to noisetor's line, not replacing it).
+	// precedence over the torrc: the tor has no TCP port.
 	Torrc []string
 
 	// ExtraArgs are appended to tor's command line.
