@@ -14,6 +14,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"net/textproto"
 	"os"
@@ -70,8 +71,11 @@ const MinTorVersion = "0.4.8"
 // TorConfig configures StartTor.
 type TorConfig struct {
 	// DataDir is tor's DataDirectory, where it keeps its state (consensus,
-	// keys of the tor instance, lock file). Required: use a persistent
-	// directory so that restarts are fast. It is created with mode 0700.
+	// keys of the tor instance, lock file) and its Unix sockets: the control
+	// port, the SOCKS port and the listeners behind onion services. Required:
+	// use a persistent directory so that restarts are fast. It is created
+	// with mode 0700, or set to it; its path must be short enough for a
+	// Unix socket name (about 90 bytes).
 	DataDir string
 
 	// ExePath is the tor executable. Default: the tor linked into this
@@ -80,14 +84,15 @@ type TorConfig struct {
 
 	// ProcessCreator, if set, creates the tor process instead of running
 	// ExePath; an embedded tor plugs in here. The process must accept tor's
-	// command line and open a TCP control port (--ControlPort auto with
-	// --ControlPortWriteToFile).
+	// command line, which names the Unix sockets of the control and SOCKS
+	// ports (--ControlPort unix:PATH, --SocksPort unix:PATH ...).
 	ProcessCreator process.Creator
 
 	// Torrc holds extra torrc lines, for example Bridge lines, or a private
 	// test network's DirAuthority (see package tortest). noisetor sets
-	// DataDirectory, ControlPort, SocksPort and CookieAuthentication itself on
-	// the command line, which takes precedence over the torrc.
+	// DataDirectory, ControlPort, SocksPort, SocksTimeout and
+	// CookieAuthentication itself on the command line, which takes
+	// precedence over the torrc: the tor has no TCP port.
 	Torrc []string
 
 	// ExtraArgs are appended to tor's command line.
@@ -108,6 +113,10 @@ type TorAttachConfig struct {
 
 	// SocksAddr is tor's SOCKS5 listener, "host:port" or "unix:/path".
 	// Default: the first one tor reports (GETINFO net/listeners/socks).
+	// AttachTor checks its flags (GETCONF SocksPort): it refuses
+	// NoIsolateSOCKSAuth and NoOnionTraffic, and warns without
+	// ExtendedErrors. A TCP SOCKS port is open to every local user, who can
+	// then use the client-auth keys that TorDialer registers with this tor.
 	SocksAddr string
 
 	// Logger is as in TorConfig.
@@ -117,9 +126,11 @@ type TorAttachConfig struct {
 // A Tor is a running tor process, launched by StartTor or attached to by
 // AttachTor, and supervised: when tor dies or its control connection drops,
 // a Tor started by StartTor launches tor again and an attached Tor
-// reconnects, both with backoff; then every open OnionListener is published
-// again under the same address and every client-authorization key is
-// registered again. While tor is down, dials fail at once with ErrTorDown.
+// reconnects (within 200 ms of tor answering again), both with backoff; then
+// every open OnionListener is published again under the same address, at
+// once, and every client-authorization key is registered again (as after a
+// SIGNAL NEWNYM from any controller, which makes tor drop them). While tor
+// is down, dials fail at once with ErrTorDown.
 //
 // It is safe for concurrent use. Close stops the supervision (and the tor
 // process, if StartTor launched it).
@@ -129,6 +140,7 @@ type Tor struct {
 	cfg         TorConfig // StartTor
 	exe         string    // StartTor without ProcessCreator: resolved ExePath
 	embedded    bool      // StartTor runs the tor linked into this binary (embedtor tag)
+	pow         torPoW    // whether the tor has onion-service proof-of-work
 	controlAddr string    // AttachTor
 	password    string    // AttachTor
 	socksAddr   string    // AttachTor override
@@ -165,6 +177,12 @@ func StartTor(ctx context.Context, cfg *TorConfig) (*Tor, error) {
 		// With the embedtor build tag: the tor linked into this binary.
 		t.cfg.ProcessCreator = defaultTorProcessCreator
 		t.embedded = defaultTorProcessCreator != nil
+		if t.embedded {
+			t.pow = powNo
+			if embeddedTorHasPoW() {
+				t.pow = powYes
+			}
+		}
 		if v, ok := EmbeddedTorVersion(); ok {
 			t.log.Info("noisetor: starting the embedded tor", "version", v)
 		}
@@ -177,11 +195,16 @@ func StartTor(ctx context.Context, cfg *TorConfig) (*Tor, error) {
 		if t.exe, err = exec.LookPath(exe); err != nil {
 			return nil, fmt.Errorf("%w: %v", ErrTorNotFound, err)
 		}
-		if err := checkTorExecutable(ctx, t.exe); err != nil {
+		if t.pow, err = checkTorExecutable(ctx, t.exe); err != nil {
 			return nil, err
 		}
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("noisetor: tor data directory: %w", err)
+	}
+	// The directory guards tor's sockets (and tor refuses to make them in
+	// a directory that others can enter).
+	if err := os.Chmod(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("noisetor: tor data directory: %w", err)
 	}
 	return t.start(ctx)
@@ -306,7 +329,13 @@ func (t *Tor) supervise(s *torSession) {
 		t.log.Warn("noisetor: lost tor; "+what, "err", s.err)
 		s.close()
 
-		backoff := 250 * time.Millisecond
+		// Launching tor costs CPU, so a tor that keeps dying is relaunched
+		// less and less often; an attached tor is only a local socket to
+		// try, so one that comes back is found within maxBackoff.
+		backoff, maxBackoff := 100*time.Millisecond, 10*time.Second
+		if !t.owned {
+			maxBackoff = 200 * time.Millisecond
+		}
 		for {
 			select {
 			case <-t.ctx.Done():
@@ -323,7 +352,7 @@ func (t *Tor) supervise(s *torSession) {
 			t.mu.Lock()
 			t.downErr = err
 			t.mu.Unlock()
-			backoff = min(2*backoff, 10*time.Second)
+			backoff = min(2*backoff, maxBackoff)
 			if t.ctx.Err() == nil {
 				t.log.Warn("noisetor: tor still unavailable", "err", err, "retry_in", backoff)
 			}
@@ -341,6 +370,7 @@ func (t *Tor) supervise(s *torSession) {
 		}
 		t.mu.Unlock()
 		t.log.Info("noisetor: tor is back", "version", s.version, "socks", s.socksAddr, "pid", s.pid, "onion_services", len(ls))
+		// At once, not after bootstrap: tor publishes as soon as it can.
 		for _, l := range ls {
 			if err := l.publish(s); err != nil {
 				t.log.Error("noisetor: republishing onion service", "onion", l.Addr().String(), "err", err)
@@ -354,7 +384,7 @@ func (t *Tor) supervise(s *torSession) {
 		}
 		t.mu.Unlock()
 		for id, k := range auths {
-			if err := s.registerClientAuth(t.ctx, id, k); err != nil {
+			if err := s.registerClientAuth(t.ctx, id, k, false); err != nil {
 				t.log.Error("noisetor: registering client-auth key", "onion", id+".onion", "err", err)
 			}
 		}
@@ -374,16 +404,27 @@ func (t *Tor) session(ctx context.Context) (*torSession, error) {
 		return nil, ErrTorClosed
 	}
 	if s == nil {
-		return nil, fmt.Errorf("%w: %v", ErrTorDown, downErr)
+		return nil, torDownError(downErr)
 	}
 	select {
 	case <-s.bootstrapped:
 		return s, nil
 	case <-s.done:
-		return nil, fmt.Errorf("%w: %v", ErrTorDown, s.err)
+		return nil, torDownError(s.err)
 	case <-ctx.Done():
 		return nil, fmt.Errorf("noisetor: waiting for tor to bootstrap: %w", ctx.Err())
 	}
+}
+
+// torDownError returns err as an ErrTorDown, wrapping it only once.
+func torDownError(err error) error {
+	if err == nil || errors.Is(err, ErrTorDown) {
+		if err == nil {
+			return ErrTorDown
+		}
+		return err
+	}
+	return fmt.Errorf("%w: %v", ErrTorDown, err)
 }
 
 // A torSession is one control connection to one run of tor (and, for a
@@ -411,6 +452,11 @@ type torSession struct {
 
 	authMu     sync.Mutex
 	registered map[string]*ClientAuthKey // client-auth keys registered with this tor
+
+	noExtendedErrors bool // an attached tor's SocksPort lacks ExtendedErrors
+
+	lpMu      sync.Mutex
+	longLived map[int]bool // ports added to LongLivedPorts on this tor
 }
 
 func (s *torSession) end(err error) {
@@ -461,12 +507,26 @@ func (t *Tor) connect(ctx context.Context) (_ *torSession, err error) {
 		if ctlAddr, err = s.launch(ctx); err != nil {
 			return nil, err
 		}
-		ctlNet = "tcp"
+		ctlNet = "unix"
 	} else {
 		ctlNet, ctlAddr = splitNetAddr(t.controlAddr)
 		password = t.password
 	}
-	if s.ctl, err = dialTorControl(ctx, ctlNet, ctlAddr, password, s.onEvent); err != nil {
+	for try := 0; ; try++ {
+		s.ctl, err = dialTorControl(ctx, ctlNet, ctlAddr, password, s.onEvent)
+		// A launched tor creates its socket just before it listens on it.
+		if err == nil || !t.owned || !errors.Is(err, syscall.ECONNREFUSED) || try == 100 {
+			break
+		}
+		select {
+		case <-s.done:
+			return nil, s.err
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err != nil {
 		return nil, err
 	}
 	go func() {
@@ -490,39 +550,177 @@ func (t *Tor) connect(ctx context.Context) (_ *torSession, err error) {
 		return nil, err
 	}
 	s.pid, _ = strconv.Atoi(info["process/pid"])
+	socks := parseQuotedList(info["net/listeners/socks"])
 	if t.socksAddr != "" {
 		s.socksNet, s.socksAddr = splitNetAddr(t.socksAddr)
 	} else {
-		socks := parseQuotedList(info["net/listeners/socks"])
 		if len(socks) == 0 {
 			return nil, fmt.Errorf("noisetor: tor at %s has no SOCKS port (add SocksPort to its torrc, or set TorAttachConfig.SocksAddr)", ctlAddr)
 		}
-		s.socksNet, s.socksAddr = splitNetAddr(socks[0])
+		if t.owned {
+			// Ours is the Unix socket; a torrc may add more listeners.
+			for _, a := range socks {
+				if a == "unix:"+filepath.Join(t.cfg.DataDir, torSocksSocket) {
+					s.socksNet, s.socksAddr = splitNetAddr(a)
+				}
+			}
+			if s.socksAddr == "" {
+				return nil, fmt.Errorf("noisetor: tor did not open its SOCKS socket in %s (it lists %q)", t.cfg.DataDir, socks)
+			}
+		} else {
+			s.socksNet, s.socksAddr = splitNetAddr(socks[0])
+		}
 	}
-	if _, err := s.ctl.request(ctx, "SETEVENTS", "SETEVENTS HS_DESC"); err != nil {
+	if !t.owned {
+		if err := s.checkSocksFlags(ctx); err != nil {
+			return nil, err
+		}
+	}
+	// SIGNAL: a NEWNYM from any controller makes tor forget the client-auth
+	// keys added by ONION_CLIENT_AUTH_ADD; see onEvent.
+	if _, err := s.ctl.request(ctx, "SETEVENTS", "SETEVENTS HS_DESC SIGNAL"); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-// launch starts the tor process and returns its control port address.
+// checkSocksFlags reads the configuration of the SocksPort that an attached
+// tor's session uses (GETCONF SocksPort) and says what it lacks. Without
+// ExtendedErrors tor reports every onion-service failure as "general
+// failure" (0x01): a refused client authorization cannot be told from a
+// passing failure and is retried until RetryFor runs out. NoIsolateSOCKSAuth
+// would put every peer on the same circuits; NoOnionTraffic makes onion
+// services unreachable.
+func (s *torSession) checkSocksFlags(ctx context.Context) error {
+	resp, err := s.ctl.request(ctx, "GETCONF", "GETCONF SocksPort")
+	if err != nil {
+		return err
+	}
+	var lines []string
+	for _, d := range append(resp.Data, resp.Reply) {
+		if v, ok := strings.CutPrefix(d, "SocksPort="); ok {
+			lines = append(lines, v)
+		}
+	}
+	line, ok := matchSocksPortLine(lines, s.socksNet, s.socksAddr)
+	if !ok {
+		s.t.log.Warn("noisetor: cannot tell which SocksPort line of tor's configuration is the SOCKS port in use; make sure it has the ExtendedErrors flag",
+			"socks", s.socksAddr, "socks_ports", lines)
+		return nil
+	}
+	flags := strings.Fields(line)[1:]
+	has := func(f string) bool {
+		return slices.ContainsFunc(flags, func(x string) bool { return strings.EqualFold(x, f) })
+	}
+	switch {
+	case has("NoOnionTraffic"):
+		return fmt.Errorf("noisetor: tor's SocksPort %q has NoOnionTraffic: it cannot reach onion services; use another SocksPort (TorAttachConfig.SocksAddr)", line)
+	case has("NoIsolateSOCKSAuth"):
+		return fmt.Errorf("noisetor: tor's SocksPort %q has NoIsolateSOCKSAuth: connections to different peers would share circuits; remove the flag or use another SocksPort (TorAttachConfig.SocksAddr)", line)
+	}
+	if !has("ExtendedErrors") {
+		s.noExtendedErrors = true
+		s.t.log.Warn("noisetor: tor's SocksPort lacks the ExtendedErrors flag: onion-service failures, a refused client authorization included, all look like \"general failure\" and are retried until TorDialer.RetryFor runs out; add ExtendedErrors to that SocksPort line of the torrc",
+			"socks_port", line)
+	}
+	return nil
+}
+
+// matchSocksPortLine finds the SocksPort configuration line of the listener
+// network/addr. Port "auto" matches any port; a lone line matches anything.
+func matchSocksPortLine(lines []string, network, addr string) (string, bool) {
+	var lone string
+	n := 0
+	for _, l := range lines {
+		f := strings.Fields(l)
+		if len(f) == 0 || f[0] == "0" {
+			continue
+		}
+		n++
+		lone = l
+		spec := f[0]
+		if network == "unix" {
+			if p, ok := strings.CutPrefix(spec, "unix:"); ok && strings.Trim(p, `"`) == addr {
+				return l, true
+			}
+			continue
+		}
+		_, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			continue
+		}
+		if spec == addr || spec == port || spec == "auto" || strings.HasSuffix(spec, ":"+port) || strings.HasSuffix(spec, ":auto") {
+			return l, true
+		}
+	}
+	if n == 1 {
+		return lone, true
+	}
+	return "", false
+}
+
+// Names of the Unix sockets of a launched tor, in its data directory.
+const (
+	torControlSocket = "control"
+	torSocksSocket   = "socks"
+)
+
+// maxUnixSocketPath is the longest path a Unix socket can have on Linux
+// (sun_path is 108 bytes, with the terminating NUL), which is also below the
+// limit of the BSDs and macOS (104).
+const maxUnixSocketPath = 103
+
+// torSocketPath returns the path of a Unix socket in a launched tor's data
+// directory, or an error if the path is too long for one.
+func torSocketPath(dir, name string) (string, error) {
+	p := filepath.Join(dir, name)
+	if len(p) > maxUnixSocketPath {
+		return "", fmt.Errorf("noisetor: TorConfig.DataDir %s is too long: tor's Unix socket %s would exceed %d bytes; use a shorter path", dir, name, maxUnixSocketPath)
+	}
+	return p, nil
+}
+
+// launchedSocksTimeout is the SocksTimeout of the tors StartTor launches
+// (tor's default is 2 minutes): how long tor keeps a SOCKS request waiting
+// for a circuit before it gives up and says why.
+const launchedSocksTimeout = 20 * time.Second
+
+// launch starts the tor process and returns the path of its control socket.
+//
+// A launched tor has no TCP port at all: its control port and SOCKS port are
+// Unix sockets in the data directory, which is mode 0700, so no other local
+// user can reach them. (On TCP, any local user could use the SOCKS port, and
+// with it this machine's client-authorization keys, to reach the services
+// that authorize this machine.)
 func (s *torSession) launch(ctx context.Context) (string, error) {
 	t := s.t
 	dir := t.cfg.DataDir
+	ctlPath, err := torSocketPath(dir, torControlSocket)
+	if err != nil {
+		return "", err
+	}
+	socksPath, err := torSocketPath(dir, torSocksSocket)
+	if err != nil {
+		return "", err
+	}
 	torrc := filepath.Join(dir, "noisetor.torrc")
 	if err := os.WriteFile(torrc, []byte(strings.Join(t.cfg.Torrc, "\n")+"\n"), 0o600); err != nil {
 		return "", fmt.Errorf("noisetor: writing torrc: %w", err)
 	}
-	portFile := filepath.Join(dir, "noisetor-control.port")
-	os.Remove(portFile)
+	// Left by a tor that was killed; the data directory's lock keeps a
+	// second tor from using the directory.
+	os.Remove(ctlPath)
+	os.Remove(socksPath)
 	args := []string{
 		"-f", torrc,
 		"--DataDirectory", dir,
-		"--ControlPort", "auto",
-		"--ControlPortWriteToFile", portFile,
+		"--ControlPort", "unix:" + strconv.Quote(ctlPath),
 		"--CookieAuthentication", "1",
-		// ExtendedErrors: SOCKS replies say why an onion service failed.
-		"--SocksPort", "127.0.0.1:auto ExtendedErrors",
+		// ExtendedErrors: SOCKS replies say why an onion service failed
+		// (0xF0-0xF7). OnionTrafficOnly: this SOCKS port only reaches onion
+		// services, so nothing can use it to leave Tor by an exit relay.
+		"--SocksPort", "unix:" + strconv.Quote(socksPath) + " ExtendedErrors OnionTrafficOnly",
+		"--SocksTimeout", strconv.Itoa(int(launchedSocksTimeout / time.Second)),
 		// Until TAKEOWNERSHIP: tor exits if this process dies.
 		"__OwningControllerProcess", strconv.Itoa(os.Getpid()),
 	}
@@ -560,19 +758,19 @@ func (s *torSession) launch(ctx context.Context) (string, error) {
 		s.end(fmt.Errorf("%w: tor process: %v%s", ErrTorDown, err, s.procOut.tail()))
 		close(s.procDone)
 	}()
-	tick := time.NewTicker(20 * time.Millisecond)
+	// Poll for the socket: tor creates it within milliseconds of starting,
+	// and a restart is only as quick as this loop notices it.
+	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if b, err := os.ReadFile(portFile); err == nil {
-			if port, err := process.ControlPortFromFileContents(string(b)); err == nil {
-				return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), nil
-			}
+		if st, err := os.Stat(ctlPath); err == nil && st.Mode().Type() == fs.ModeSocket {
+			return ctlPath, nil
 		}
 		select {
 		case <-s.done:
 			return "", s.err
 		case <-ctx.Done():
-			return "", fmt.Errorf("noisetor: tor opened no control port: %w%s", ctx.Err(), s.procOut.tail())
+			return "", fmt.Errorf("noisetor: tor opened no control socket: %w%s", ctx.Err(), s.procOut.tail())
 		case <-tick.C:
 		}
 	}
@@ -601,7 +799,7 @@ func (s *torSession) waitBootstrap(ctx context.Context) error {
 			return s.err
 		case <-ctx.Done():
 			return fmt.Errorf("noisetor: tor did not bootstrap (%s): %w", last, ctx.Err())
-		case <-time.After(250 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
@@ -609,6 +807,11 @@ func (s *torSession) waitBootstrap(ctx context.Context) error {
 // onEvent handles an asynchronous event from tor. It runs on the control
 // connection's reader goroutine, so it must not send commands.
 func (s *torSession) onEvent(code, data string) {
+	if code == "SIGNAL" && strings.TrimSpace(data) == "NEWNYM" {
+		// tor has dropped every client-auth key: register them again.
+		go s.reregisterClientAuth()
+		return
+	}
 	if code != "HS_DESC" {
 		return
 	}
@@ -630,11 +833,11 @@ func (s *torSession) onEvent(code, data string) {
 }
 
 // registerClientAuth registers our client-auth key for an onion service
-// with this tor (ONION_CLIENT_AUTH_ADD), once per session.
-func (s *torSession) registerClientAuth(ctx context.Context, serviceID string, k *ClientAuthKey) error {
+// with this tor (ONION_CLIENT_AUTH_ADD), once per session unless force.
+func (s *torSession) registerClientAuth(ctx context.Context, serviceID string, k *ClientAuthKey, force bool) error {
 	s.authMu.Lock()
 	defer s.authMu.Unlock()
-	if s.registered[serviceID] == k {
+	if s.registered[serviceID] == k && !force {
 		return nil
 	}
 	// 251 (replaced) and 252 (registered, and a cached descriptor decrypted)
@@ -646,6 +849,25 @@ func (s *torSession) registerClientAuth(ctx context.Context, serviceID string, k
 	}
 	s.registered[serviceID] = k
 	return nil
+}
+
+// reregisterClientAuth registers every client-auth key of the Tor again,
+// after tor dropped them (SIGNAL NEWNYM, from any controller of this tor).
+func (s *torSession) reregisterClientAuth() {
+	t := s.t
+	t.mu.Lock()
+	auths := maps.Clone(t.clientAuth)
+	t.mu.Unlock()
+	ctx, cancel := context.WithTimeout(t.ctx, 30*time.Second)
+	defer cancel()
+	for id, k := range auths {
+		if err := s.registerClientAuth(ctx, id, k, true); err != nil && t.ctx.Err() == nil {
+			t.log.Warn("noisetor: registering a client-auth key again after NEWNYM", "onion", id+".onion", "err", err)
+		}
+	}
+	if len(auths) > 0 {
+		t.log.Info("noisetor: tor got NEWNYM, which drops client-auth keys; registered them again", "keys", len(auths))
+	}
 }
 
 // forgetClientAuth removes the client-auth keys we registered with an
@@ -683,7 +905,7 @@ func dialTorControl(ctx context.Context, network, addr, password string, onEvent
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: control port %s: %v", ErrTorDown, addr, err)
+		return nil, fmt.Errorf("%w: control port %s: %w", ErrTorDown, addr, err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
@@ -853,15 +1075,83 @@ type OnionConfig struct {
 	// that no key is authorized for.
 	NoClientAuth bool
 
-	// PoWDefense turns on tor's proof-of-work defense against
-	// introduction floods (PoWDefensesEnabled=1).
-	PoWDefense bool
+	// PoWDefense selects tor's proof-of-work defense against introduction
+	// floods (PoWDefensesEnabled=1): while the service is flooded, clients
+	// must solve a puzzle, which a member's tor does in the background.
+	// Default PoWAuto.
+	PoWDefense PoWMode
+
+	// MaxStreams bounds the streams (connections) one client circuit may
+	// open to the service at once (ADD_ONION MaxStreams), so that one
+	// client, authorized or not, cannot open connections without end.
+	// A TorDialer puts every connection to one service on one circuit.
+	// Default DefaultOnionMaxStreams; negative: no limit.
+	MaxStreams int
+
+	// MaxStreamsKeepCircuit makes tor refuse the streams beyond MaxStreams
+	// and keep the circuit. By default tor closes a circuit that asks for
+	// more (MaxStreamsCloseCircuit=1): a client doing that is misbehaving,
+	// and closing costs it a new rendezvous.
+	MaxStreamsKeepCircuit bool
 
 	// Listener is the local listener that tor forwards connections to.
-	// Default: a new TCP listener on 127.0.0.1 with a random port. A
-	// *net.UnixListener is forwarded to as unix:<path>.
+	// Default: with a Tor from StartTor, a Unix socket in tor's data
+	// directory (mode 0700), which no other local user can reach; with an
+	// attached Tor, whose tor may run as another user, a TCP listener on
+	// 127.0.0.1 with a random port, which any local user can reach,
+	// bypassing client authorization (the Noise handshake still admits only
+	// keyring peers). A *net.UnixListener is forwarded to as unix:<path>.
 	Listener net.Listener
+
+	// CheckInterval is how often the service checks that it can be reached
+	// (see OnionListener.Status): it connects to its own address through
+	// tor, on a new circuit each time, as a client would. After two failed
+	// checks in a row it publishes itself again (DEL_ONION, ADD_ONION),
+	// which heals a service that tor no longer makes reachable. Default
+	// DefaultOnionCheckInterval; negative: no checks.
+	CheckInterval time.Duration
+
+	// CheckTimeout bounds one check. Default DefaultOnionCheckTimeout.
+	CheckTimeout time.Duration
+
+	// OnStatus, if set, is called with the service's status each time its
+	// State changes (changes in quick succession may be reported once, with
+	// the latest status), from when ListenOnion returns until Close. It runs
+	// on its own goroutine, one call at a time; Close waits for a call in
+	// progress, so it must not block.
+	OnStatus func(OnionStatus)
 }
+
+// A PoWMode selects an onion service's proof-of-work defense.
+type PoWMode int
+
+const (
+	// PoWAuto turns the defense on where the tor has it. The tors of
+	// Debian and the Tor Project have it; the embedded tor of the default
+	// (BSD-licensed) build does not, and then ListenOnion logs that the
+	// service runs without it. (Such a tor accepts PoWDefensesEnabled=1 and
+	// silently ignores it.) An attached tor is asked for it and cannot be
+	// checked.
+	PoWAuto PoWMode = iota
+
+	// PoWRequire is PoWAuto, except that ListenOnion fails on a tor known to
+	// lack the defense.
+	PoWRequire
+
+	// PoWOff publishes without the defense.
+	PoWOff
+)
+
+// DefaultOnionMaxStreams is OnionConfig.MaxStreams's default: above
+// RelayServer's default MaxSessionsPerPeer (64), so that a sync server's
+// client can use all its sessions over its one circuit.
+const DefaultOnionMaxStreams = 128
+
+// Defaults of the reachability checks of an onion service.
+const (
+	DefaultOnionCheckInterval = 5 * time.Minute
+	DefaultOnionCheckTimeout  = time.Minute
+)
 
 // An OnionListener is a v3 onion service whose connections arrive on a
 // local listener. It implements net.Listener; wrap it with NewListener to
@@ -877,7 +1167,11 @@ type OnionListener struct {
 	keyring    *Keyring
 	extraAuth  []string
 	noAuth     bool
-	pow        bool
+	pow        bool // send PoWDefensesEnabled=1
+	maxStreams int  // 0: no limit
+	keepCirc   bool
+	check      *onionCheck // nil: no reachability checks
+	onStatus   func(OnionStatus)
 	pubMu      sync.Mutex // serializes publish and Close
 	mu         sync.Mutex
 	pubSess    *torSession   // session the service was added on
@@ -886,7 +1180,8 @@ type OnionListener struct {
 	pubCount   int    // descriptors published, over all runs of tor
 	pubErr     string // reason of the last failed upload
 	closed     bool
-	published0 time.Time // when ListenOnion began, for the log
+	health     onionHealth // reachability checks; see tor_watchdog.go
+	published0 time.Time   // when ListenOnion began, for the log
 }
 
 // ListenOnion publishes an onion service and returns once its descriptor
@@ -898,9 +1193,25 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 		return nil, errors.New("noisetor: OnionConfig.Port must be a port number")
 	}
 	key := cfg.Key
-	if cfg.PoWDefense && t.embedded && !embeddedTorHasPoW() {
-		// Such a tor accepts PoWDefensesEnabled=1 and silently runs without it.
-		return nil, errors.New("noisetor: PoWDefense: the embedded tor was built without onion-service proof-of-work (scripts/build-libtor.sh --gpl adds it, under the GPL-3.0)")
+	pow := false
+	switch cfg.PoWDefense {
+	case PoWAuto, PoWRequire:
+		pow = t.pow != powNo
+		if t.pow == powNo {
+			// Such a tor accepts PoWDefensesEnabled=1 and silently runs
+			// without it.
+			what := "the tor executable was built without onion-service proof-of-work (tor --list-modules says pow: no)"
+			if t.embedded {
+				what = "the embedded tor was built without onion-service proof-of-work (scripts/build-libtor.sh --gpl adds it, under the GPL-3.0)"
+			}
+			if cfg.PoWDefense == PoWRequire {
+				return nil, errors.New("noisetor: PoWRequire: " + what)
+			}
+			t.log.Warn("noisetor: the onion service runs without proof-of-work defense against introduction floods: " + what)
+		}
+	case PoWOff:
+	default:
+		return nil, fmt.Errorf("noisetor: OnionConfig.PoWDefense %d is not a PoWMode", cfg.PoWDefense)
 	}
 	if key == nil {
 		if cfg.KeyFile == "" {
@@ -923,37 +1234,57 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 		keyring:    cfg.Keyring,
 		extraAuth:  slices.Clone(cfg.ClientAuth),
 		noAuth:     cfg.NoClientAuth,
-		pow:        cfg.PoWDefense,
+		pow:        pow,
+		maxStreams: cfg.MaxStreams,
+		keepCirc:   cfg.MaxStreamsKeepCircuit,
+		onStatus:   cfg.OnStatus,
 		published:  make(chan struct{}),
 		published0: time.Now(),
+	}
+	switch {
+	case l.maxStreams == 0:
+		l.maxStreams = DefaultOnionMaxStreams
+	case l.maxStreams < 0:
+		l.maxStreams = 0
+	case l.maxStreams > 65535:
+		return nil, errors.New("noisetor: OnionConfig.MaxStreams must be at most 65535")
 	}
 	if _, err := l.clientAuthKeys(); err != nil {
 		return nil, err
 	}
-	l.inner = cfg.Listener
-	if l.inner == nil {
-		var err error
-		if l.inner, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
-			return nil, fmt.Errorf("noisetor: %w", err)
+	var err error
+	if l.inner, l.target, err = t.onionTarget(cfg.Listener, "onion-"+l.id[:16]); err != nil {
+		return nil, err
+	}
+	if cfg.Listener != nil && t.owned {
+		if _, ok := cfg.Listener.Addr().(*net.TCPAddr); ok {
+			t.log.Warn("noisetor: the onion service forwards to a TCP listener, which any local user can connect to, bypassing Tor client authorization; leave OnionConfig.Listener nil for a Unix socket in tor's data directory",
+				"onion", key.Address(), "listener", cfg.Listener.Addr().String())
 		}
 	}
-	switch a := l.inner.Addr().(type) {
-	case *net.UnixAddr:
-		l.target = "unix:" + a.Name
-	default:
-		l.target = a.String()
+	if cfg.CheckInterval >= 0 {
+		if l.check, err = newOnionCheck(l, cfg); err != nil {
+			l.inner.Close()
+			return nil, err
+		}
 	}
 
+	closeListeners := func() {
+		l.inner.Close()
+		if l.check != nil {
+			l.check.ln.Close()
+		}
+	}
 	t.mu.Lock()
 	if t.closed {
 		t.mu.Unlock()
-		l.inner.Close()
+		closeListeners()
 		return nil, ErrTorClosed
 	}
 	for o := range t.onions {
 		if o.id == l.id {
 			t.mu.Unlock()
-			l.inner.Close()
+			closeListeners()
 			return nil, fmt.Errorf("noisetor: onion service %s is already open", key.Address())
 		}
 	}
@@ -970,7 +1301,79 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 		l.Close()
 		return nil, err
 	}
+	l.startCheck()
 	return l, nil
+}
+
+// onionTarget returns the listener that tor forwards an onion service's
+// connections to, and its ADD_ONION target: ln if set, else a new Unix
+// socket named name in a launched tor's data directory, or a TCP listener
+// on 127.0.0.1 for an attached tor.
+func (t *Tor) onionTarget(ln net.Listener, name string) (net.Listener, string, error) {
+	if ln == nil && t.owned {
+		path, err := torSocketPath(t.cfg.DataDir, name)
+		if err != nil {
+			return nil, "", err
+		}
+		os.Remove(path) // left by a killed process; the name is ours
+		if ln, err = net.Listen("unix", path); err != nil {
+			return nil, "", fmt.Errorf("noisetor: %w", err)
+		}
+	}
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			return nil, "", fmt.Errorf("noisetor: %w", err)
+		}
+	}
+	if a, ok := ln.Addr().(*net.UnixAddr); ok {
+		// ADD_ONION's arguments are separated by spaces.
+		if strings.ContainsAny(a.Name, " \t\r\n\"") {
+			ln.Close()
+			return nil, "", fmt.Errorf("noisetor: tor cannot forward an onion service to the Unix socket %q: its path has a space or quote", a.Name)
+		}
+		return ln, "unix:" + a.Name, nil
+	}
+	return ln, ln.Addr().String(), nil
+}
+
+// Launched reports whether StartTor launched this tor (rather than
+// AttachTor attaching to one).
+func (t *Tor) Launched() bool { return t.owned }
+
+// addLongLivedPort adds port to tor's LongLivedPorts, once per session:
+// circuits for such ports are built from relays with the Stable flag, which
+// are less likely to go down under a long-lived connection. On the service's
+// tor this applies to its introduction circuits, on a client's to its
+// rendezvous circuits. Failures are logged: it is an optimization.
+func (s *torSession) addLongLivedPort(ctx context.Context, port int) {
+	s.lpMu.Lock()
+	defer s.lpMu.Unlock()
+	if s.longLived[port] {
+		return
+	}
+	err := func() error {
+		resp, err := s.ctl.request(ctx, "GETCONF", "GETCONF LongLivedPorts")
+		if err != nil {
+			return err
+		}
+		cur, _ := strings.CutPrefix(resp.Reply, "LongLivedPorts=")
+		ports := strings.FieldsFunc(cur, func(r rune) bool { return r == ',' || r == ' ' })
+		p := strconv.Itoa(port)
+		if !slices.Contains(ports, p) {
+			ports = append(ports, p)
+			_, err = s.ctl.request(ctx, "SETCONF", "SETCONF LongLivedPorts="+strings.Join(ports, ","))
+		}
+		return err
+	}()
+	if err != nil {
+		s.t.log.Warn("noisetor: adding the port to tor's LongLivedPorts", "port", port, "err", err)
+		return
+	}
+	if s.longLived == nil {
+		s.longLived = make(map[int]bool)
+	}
+	s.longLived[port] = true
 }
 
 // clientAuthKeys returns the ADD_ONION ClientAuthV3 values.
@@ -1031,21 +1434,13 @@ func (l *OnionListener) publish(s *torSession) error {
 
 	auth, err := l.clientAuthKeys()
 	if err == nil {
-		var b strings.Builder
-		b.WriteString("ADD_ONION ED25519-V3:" + base64.StdEncoding.EncodeToString(l.key.expanded[:]))
-		if len(auth) > 0 {
-			b.WriteString(" Flags=V3Auth")
-		}
-		fmt.Fprintf(&b, " Port=%d,%s", l.port, l.target)
-		for _, k := range auth {
-			b.WriteString(" ClientAuthV3=" + k)
-		}
-		if l.pow {
-			b.WriteString(" PoWDefensesEnabled=1")
-		}
+		cmd := l.addOnionCommand(auth)
 		ctx, cancel := context.WithTimeout(l.t.ctx, 30*time.Second)
+		s.addLongLivedPort(ctx, l.port)
+		cancel()
+		ctx, cancel = context.WithTimeout(l.t.ctx, 30*time.Second)
 		var resp *control.Response
-		resp, err = s.ctl.request(ctx, "ADD_ONION", b.String())
+		resp, err = s.ctl.request(ctx, "ADD_ONION", cmd)
 		cancel()
 		if err == nil {
 			var id string
@@ -1071,6 +1466,40 @@ func (l *OnionListener) publish(s *torSession) error {
 	return nil
 }
 
+// addOnionCommand returns the ADD_ONION command line that publishes the
+// service with the client-auth keys auth. It holds the private key.
+func (l *OnionListener) addOnionCommand(auth []string) string {
+	var b strings.Builder
+	b.WriteString("ADD_ONION ED25519-V3:" + base64.StdEncoding.EncodeToString(l.key.expanded[:]))
+	var flags []string
+	if len(auth) > 0 {
+		flags = append(flags, "V3Auth")
+	}
+	if l.maxStreams > 0 && !l.keepCirc {
+		flags = append(flags, "MaxStreamsCloseCircuit")
+	}
+	if len(flags) > 0 {
+		b.WriteString(" Flags=" + strings.Join(flags, ","))
+	}
+	fmt.Fprintf(&b, " Port=%d,%s", l.port, l.target)
+	if l.check != nil {
+		fmt.Fprintf(&b, " Port=%d,%s", l.check.port, l.check.target)
+		if len(auth) > 0 {
+			auth = append(auth[:len(auth):len(auth)], l.check.authPub)
+		}
+	}
+	for _, k := range auth {
+		b.WriteString(" ClientAuthV3=" + k)
+	}
+	if l.maxStreams > 0 {
+		fmt.Fprintf(&b, " MaxStreams=%d", l.maxStreams)
+	}
+	if l.pow {
+		b.WriteString(" PoWDefensesEnabled=1")
+	}
+	return b.String()
+}
+
 // descriptorEvent records an HS_DESC upload result for session s.
 func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) {
 	l.mu.Lock()
@@ -1086,6 +1515,7 @@ func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) 
 		l.isPub = true
 		l.pubCount++
 		close(l.published)
+		l.changed()
 		l.t.log.Info("noisetor: onion service published", "onion", l.Addr().String(),
 			"after", time.Since(l.published0).Round(time.Millisecond))
 	}
@@ -1100,6 +1530,7 @@ func (l *OnionListener) resetPublication() {
 	if l.isPub {
 		l.isPub = false
 		l.published = make(chan struct{})
+		l.changed()
 	}
 	l.published0 = time.Now()
 }
@@ -1169,6 +1600,7 @@ func (s torStream) NetConn() net.Conn { return s.Conn }
 
 // Close removes the onion service from tor and closes the local listener.
 func (l *OnionListener) Close() error {
+	l.stopCheck()
 	l.pubMu.Lock()
 	defer l.pubMu.Unlock()
 	l.mu.Lock()
@@ -1186,6 +1618,9 @@ func (l *OnionListener) Close() error {
 	if s != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		s.ctl.request(ctx, "DEL_ONION", "DEL_ONION "+l.id)
+		if l.check != nil && l.check.key != nil {
+			s.ctl.request(ctx, "ONION_CLIENT_AUTH_REMOVE", "ONION_CLIENT_AUTH_REMOVE "+l.id)
+		}
 		cancel()
 	}
 	return l.inner.Close()
@@ -1193,6 +1628,7 @@ func (l *OnionListener) Close() error {
 
 // closeLocal closes the listener without talking to tor (Tor.Close).
 func (l *OnionListener) closeLocal() {
+	l.stopCheck()
 	l.mu.Lock()
 	l.closed = true
 	l.pubSess = nil
@@ -1244,12 +1680,17 @@ type TorDialer struct {
 	// address (ONION_CLIENT_AUTH_ADD), and again after a tor restart.
 	ClientAuth *ClientAuthKey
 
-	// RetryFor bounds how long failures that may pass (descriptor not found
-	// yet, introduction or rendezvous failures, timeouts) are retried, with
-	// backoff, within the context's deadline. Default 30s; negative: no
-	// retries. Failures that will not pass (client authorization refused,
-	// tor down) return at once.
+	// RetryFor bounds how long a dial takes: failures that may pass
+	// (descriptor not found yet, introduction or rendezvous failures) are
+	// retried with backoff until then, and an attempt still waiting on tor
+	// is cut off then (or at the context's deadline, if sooner), with an
+	// error that matches context.DeadlineExceeded. Default
+	// DefaultTorRetryFor; negative: one attempt, bounded by
+	// DefaultTorRetryFor. Failures that will not pass (client authorization
+	// refused, tor down) return at once.
 	RetryFor time.Duration
+
+	isolation string // SOCKS username; default "noisetor:" + the address
 }
 
 var (
@@ -1269,8 +1710,15 @@ func (t *Tor) DialContext(ctx context.Context, network, addr string) (net.Conn, 
 	return (&TorDialer{Tor: t}).DialContext(ctx, network, addr)
 }
 
+// DefaultTorRetryFor is TorDialer.RetryFor's default.
+const DefaultTorRetryFor = 30 * time.Second
+
 // DialContext connects to addr, "host:port" (normally "<id>.onion:port"),
 // through tor. network must be "tcp".
+//
+// It returns within RetryFor (or ctx's deadline, if sooner) whatever tor
+// does: each SOCKS attempt is cut off there, and then the error matches
+// context.DeadlineExceeded and says what tor last reported.
 func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	if d.Tor == nil {
 		return nil, errors.New("noisetor: TorDialer.Tor is nil")
@@ -1278,45 +1726,75 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 	if network != "tcp" && network != "tcp4" && network != "tcp6" {
 		return nil, fmt.Errorf("noisetor: tor dials tcp only, not %q", network)
 	}
-	host, _, err := net.SplitHostPort(addr)
+	host, portStr, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: %w", err)
 	}
+	port, _ := strconv.Atoi(portStr)
 	t := d.Tor
 	retryFor := d.RetryFor
 	if retryFor == 0 {
-		retryFor = 30 * time.Second
+		retryFor = DefaultTorRetryFor
 	}
-	giveUp := time.Now().Add(max(retryFor, 0))
-	if d.ClientAuth != nil && strings.HasSuffix(strings.ToLower(host), ".onion") {
-		id := strings.ToLower(strings.TrimSuffix(strings.ToLower(host), ".onion"))
+	start := time.Now()
+	// Without retries, the one attempt is still bounded.
+	giveUp := start.Add(retryFor)
+	if retryFor < 0 {
+		giveUp = start.Add(DefaultTorRetryFor)
+	}
+	isOnion := strings.HasSuffix(strings.ToLower(host), ".onion")
+	id := strings.TrimSuffix(strings.ToLower(host), ".onion")
+	// Everything below, control-port requests included, ends at giveUp.
+	dctx, dcancel := context.WithDeadline(ctx, giveUp)
+	defer dcancel()
+	var last *TorDialError
+	timeout := func() error {
+		if err := ctx.Err(); err != nil {
+			return torTimeout(addr, start, err, last, isOnion)
+		}
+		return torTimeout(addr, start, context.DeadlineExceeded, last, isOnion)
+	}
+	if d.ClientAuth != nil && isOnion {
 		t.mu.Lock()
 		t.clientAuth[id] = d.ClientAuth
 		t.mu.Unlock()
-		s, err := t.session(ctx)
+		s, err := t.session(dctx)
 		if err != nil {
+			if dctx.Err() != nil {
+				return nil, timeout()
+			}
 			return nil, err
 		}
-		if err := s.registerClientAuth(ctx, id, d.ClientAuth); err != nil {
+		if err := s.registerClientAuth(dctx, id, d.ClientAuth, false); err != nil {
+			if dctx.Err() != nil {
+				return nil, timeout()
+			}
 			return nil, fmt.Errorf("noisetor: registering client-auth key for %s: %w", host, err)
 		}
 	}
-	backoff := 500 * time.Millisecond
+	user := d.isolation
+	if user == "" {
+		user = "noisetor:" + addr
+	}
+	backoff := 250 * time.Millisecond
+	authRetried := false
 	for attempt := 1; ; attempt++ {
-		s, err := t.session(ctx)
+		s, err := t.session(dctx)
 		if err != nil {
+			if dctx.Err() != nil {
+				return nil, timeout()
+			}
 			return nil, err
 		}
-		// Tor isolates streams with different SOCKS credentials onto
-		// different circuits (IsolateSOCKSAuth is on by default).
-		auth := &proxy.Auth{User: "noisetor:" + addr, Password: "noisetor"}
-		sd, err := proxy.SOCKS5(s.socksNet, s.socksAddr, auth, &net.Dialer{})
-		if err != nil {
-			return nil, fmt.Errorf("noisetor: %w", err)
+		if isOnion && port > 0 {
+			s.addLongLivedPort(dctx, port)
 		}
-		c, err := sd.(proxy.ContextDialer).DialContext(ctx, "tcp", addr)
+		c, err := s.dialSOCKS(dctx, user, addr)
 		if err == nil {
 			return torStream{c}, nil
+		}
+		if dctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, timeout()
 		}
 		derr := classifySOCKSError(addr, err)
 		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
@@ -1327,29 +1805,73 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 			case <-time.After(500 * time.Millisecond):
 			}
 		}
-		if !derr.temporary() || ctx.Err() != nil || time.Now().Add(backoff).After(giveUp) {
+		if derr.Reply == 0x01 && s.noExtendedErrors {
+			derr.Reason = "general failure (tor's SocksPort lacks the ExtendedErrors flag, so tor does not say why)"
+		}
+		if derr.Reply == 0xF4 && d.ClientAuth != nil && !authRetried {
+			// tor has lost our key (a NEWNYM from another controller drops
+			// them all, and the SIGNAL event may not have been handled
+			// yet): register it again and retry at once, once.
+			authRetried = true
+			if err := s.registerClientAuth(dctx, id, d.ClientAuth, true); err == nil {
+				t.log.Info("noisetor: tor had lost our client-auth key; registered it again", "onion", host)
+				continue
+			}
+		}
+		if !derr.temporary() || retryFor < 0 {
 			return nil, derr
 		}
-		if dl, ok := ctx.Deadline(); ok && time.Now().Add(backoff).After(dl) {
-			return nil, derr
+		last = derr
+		if dl, _ := dctx.Deadline(); time.Now().Add(backoff).After(dl) {
+			return nil, timeout()
 		}
 		t.log.Debug("noisetor: tor dial failed; retrying", "addr", addr, "attempt", attempt, "err", derr, "retry_in", backoff)
 		select {
 		case <-time.After(backoff):
-		case <-ctx.Done():
-			return nil, derr
+		case <-dctx.Done():
+			return nil, timeout()
 		}
-		backoff = min(2*backoff, 5*time.Second)
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// dialSOCKS makes one SOCKS5 request to tor. Tor isolates streams with
+// different SOCKS credentials onto different circuits (IsolateSOCKSAuth is
+// on by default).
+func (s *torSession) dialSOCKS(ctx context.Context, user, addr string) (net.Conn, error) {
+	auth := &proxy.Auth{User: user, Password: "noisetor"}
+	sd, err := proxy.SOCKS5(s.socksNet, s.socksAddr, auth, &net.Dialer{})
+	if err != nil {
+		return nil, fmt.Errorf("noisetor: %w", err)
+	}
+	return sd.(proxy.ContextDialer).DialContext(ctx, "tcp", addr)
+}
+
+// torTimeout is the error of a dial that ran out of time: cause is the
+// context's error, last what tor said on the attempt before, if anything.
+func torTimeout(addr string, start time.Time, cause error, last *TorDialError, onion bool) *TorDialError {
+	return &TorDialError{
+		Addr:    addr,
+		Reason:  fmt.Sprintf("no connection after %v", time.Since(start).Round(100*time.Millisecond)),
+		Err:     cause,
+		Last:    last,
+		timeout: onion,
 	}
 }
 
 // A TorDialError reports a connection that tor could not make.
 type TorDialError struct {
-	Addr    string // the destination
-	Reply   int    // the SOCKS5 reply code, or 0 if the SOCKS exchange did not get that far
-	Reason  string // what the reply code means
-	Err     error  // the underlying error
-	torDown bool   // tor's SOCKS port could not be reached
+	Addr   string // the destination
+	Reply  int    // the SOCKS5 reply code, or 0 if the SOCKS exchange did not get that far
+	Reason string // what the reply code means
+	Err    error  // the underlying error; context.DeadlineExceeded if the dial ran out of time
+
+	// Last, for a dial that ran out of time, is the failure tor reported on
+	// the attempt before, if any.
+	Last *TorDialError
+
+	torDown bool // tor's SOCKS port could not be reached
+	timeout bool // an onion dial that ran out of time
 }
 
 // Error says which destination failed and why, in tor's terms.
@@ -1357,7 +1879,15 @@ func (e *TorDialError) Error() string {
 	if e.Reply != 0 {
 		return fmt.Sprintf("noisetor: tor could not connect to %s: %s (SOCKS reply 0x%02x)", e.Addr, e.Reason, e.Reply)
 	}
-	return fmt.Sprintf("noisetor: tor could not connect to %s: %s: %v", e.Addr, e.Reason, e.Err)
+	msg := fmt.Sprintf("noisetor: tor could not connect to %s: %s: %v", e.Addr, e.Reason, e.Err)
+	if errors.Is(e.Err, context.DeadlineExceeded) || errors.Is(e.Err, context.Canceled) {
+		if e.Last != nil {
+			msg += fmt.Sprintf("; tor said last: %s (SOCKS reply 0x%02x)", e.Last.Reason, e.Last.Reply)
+		} else {
+			msg += "; tor gave no reason (no circuit in time: is the Tor network reachable?)"
+		}
+	}
+	return msg
 }
 
 // Unwrap returns the underlying error and, where one applies,
@@ -1372,6 +1902,9 @@ func (e *TorDialError) Unwrap() []error {
 	case 0:
 		if e.torDown {
 			errs = append(errs, ErrTorDown)
+		}
+		if e.timeout {
+			errs = append(errs, ErrOnionUnreachable)
 		}
 	}
 	return errs
@@ -1393,7 +1926,7 @@ var socksReasons = map[int]string{
 	0x02: "not allowed by tor's rules",
 	0x03: "network unreachable",
 	0x04: "host unreachable",
-	0x05: "connection refused by the destination (nothing listening on that port?)",
+	0x05: "connection refused by the destination (nothing listening on that port, or the onion service's MaxStreams reached?)",
 	0x06: "timed out",
 	0x07: "command not supported",
 	0x08: "address type not supported",
@@ -1720,17 +2253,42 @@ func checkTorVersion(v string) error {
 	return nil
 }
 
-// checkTorExecutable runs "tor --version" so that a too-old tor is reported
-// as such rather than as a failure to start.
-func checkTorExecutable(ctx context.Context, exe string) error {
+// torPoW says whether a tor has the onion-service proof-of-work module.
+type torPoW int
+
+const (
+	powUnknown torPoW = iota // attached, or a custom ProcessCreator
+	powYes
+	powNo
+)
+
+// checkTorExecutable runs "tor --version", so that a too-old tor is
+// reported as such rather than as a failure to start, and
+// "tor --list-modules", which says whether it has proof-of-work.
+func checkTorExecutable(ctx context.Context, exe string) (torPoW, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, exe, "--version").Output()
 	if err != nil {
-		return fmt.Errorf("noisetor: running %s --version: %w", exe, err)
+		return powUnknown, fmt.Errorf("noisetor: running %s --version: %w", exe, err)
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
-	return checkTorVersion(line)
+	if err := checkTorVersion(line); err != nil {
+		return powUnknown, err
+	}
+	out, err = exec.CommandContext(ctx, exe, "--list-modules").Output()
+	if err != nil {
+		return powUnknown, nil
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		switch strings.TrimSpace(l) {
+		case "pow: yes":
+			return powYes, nil
+		case "pow: no":
+			return powNo, nil
+		}
+	}
+	return powUnknown, nil
 }
 
 // splitNetAddr splits "unix:/path" into ("unix", "/path"); anything else

@@ -26,7 +26,8 @@ func embeddedTorCreator(out io.Writer) process.Creator { return libtor.NewCreato
 // embeddedTorHasPoW reports whether the embedded tor has the onion-service
 // proof-of-work module (build-libtor.sh --gpl). The default build lacks it,
 // and then tor accepts ADD_ONION ... PoWDefensesEnabled=1 and runs the
-// service without the defense, so ListenOnion must refuse PoWDefense itself.
+// service without the defense, so ListenOnion must know: it logs that the
+// service runs without PoW (PoWAuto) or refuses (PoWRequire).
 func embeddedTorHasPoW() bool { return libtor.GPL() }
 
 // EmbeddedTorVersion describes the Tor linked into this binary, for example

@@ -22,7 +22,7 @@ type torOptions struct {
 }
 
 func (o *torOptions) register(fs *flag.FlagSet) {
-	fs.StringVar(&o.dataDir, "tor-data", "", "launch the system tor with data directory `dir` (kept across runs)")
+	fs.StringVar(&o.dataDir, "tor-data", "", "launch the system tor with data directory `dir` (kept across runs; mode 0700,\nholding tor's Unix sockets: keep its path short)")
 	fs.StringVar(&o.control, "tor-control", "", "use the running tor whose control port is `host:port` (cookie authentication)")
 	fs.StringVar(&o.torrcFile, "torrc", "", "extra torrc lines for the tor of --tor-data, from `file`")
 }
@@ -94,9 +94,16 @@ func (o *onionOptions) listen(e *env, tor *noisetor.Tor, addr string, kr *noiset
 	if o.port <= 0 || o.port > 65535 {
 		return nil, "", usagef("--onion-port %d is not a port", o.port)
 	}
-	local, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, "", err
+	// A tor launched with --tor-data forwards to a Unix socket in its data
+	// directory (mode 0700), which no other local user can reach; an
+	// attached tor may run as another user, so it gets a TCP listener on
+	// addr, which local users can reach.
+	var local net.Listener
+	if !tor.Launched() {
+		var err error
+		if local, err = net.Listen("tcp", addr); err != nil {
+			return nil, "", err
+		}
 	}
 	if o.noClientAuth {
 		kr = nil // the keyring's auth= keys would turn client authorization on
@@ -110,7 +117,9 @@ func (o *onionOptions) listen(e *env, tor *noisetor.Tor, addr string, kr *noiset
 		Listener:     local,
 	})
 	if err != nil {
-		local.Close()
+		if local != nil {
+			local.Close()
+		}
 		return nil, "", err
 	}
 	return ln, net.JoinHostPort(ln.OnionAddress(), strconv.Itoa(o.port)), nil

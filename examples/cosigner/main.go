@@ -36,7 +36,7 @@ import (
 func main() {
 	keyFile := flag.String("key", "cosigner.key", "this server's static key file")
 	keyringFile := flag.String("keyring", "cosigner.keyring", "keyring: the wallets that may connect")
-	listen := flag.String("listen", "127.0.0.1:9000", "TCP address to listen on; with -onion-key, the local address tor forwards to")
+	listen := flag.String("listen", "127.0.0.1:9000", "TCP address to listen on, without -onion-key")
 	onionKey := flag.String("onion-key", "", "onion service key file; empty: serve on plain TCP")
 	onionPort := flag.Int("onion-port", 9000, "the onion service's port")
 	torData := flag.String("tor-data", "cosigner-tor", "tor's data directory, with -onion-key")
@@ -54,22 +54,33 @@ func main() {
 	}
 	cfg := &noisetor.Config{StaticKey: key, Keyring: keyring}
 
-	inner, err := net.Listen("tcp", *listen)
-	if err != nil {
-		log.Fatal(err)
-	}
+	var inner net.Listener
 	if *onionKey != "" {
+		// tor listens only on Unix sockets in its data directory: no TCP
+		// port for other local users to borrow.
 		tor, err := noisetor.StartTor(ctx, &noisetor.TorConfig{DataDir: *torData})
 		if err != nil {
 			log.Fatal(err)
 		}
 		defer tor.Close()
 		// Returns once the descriptor is published. The keyring's auth=
-		// keys are the service's client authorizations.
+		// keys are the service's client authorizations. Tor forwards to a
+		// Unix socket in its data directory (mode 0700): no other local
+		// user can connect to the service without going through Tor's
+		// client authorization.
 		inner, err = tor.ListenOnion(ctx, &noisetor.OnionConfig{
-			KeyFile: *onionKey, Port: *onionPort, Keyring: keyring, Listener: inner,
+			KeyFile: *onionKey, Port: *onionPort, Keyring: keyring,
+			// An application that monitors its service hooks OnStatus.
+			OnStatus: func(st noisetor.OnionStatus) {
+				log.Printf("cosigner: onion service %s (%s)", st.State, errString(st.Err))
+			},
 		})
 		if err != nil {
+			log.Fatal(err)
+		}
+	} else {
+		var err error
+		if inner, err = net.Listen("tcp", *listen); err != nil {
 			log.Fatal(err)
 		}
 	}
@@ -96,4 +107,11 @@ func main() {
 	if err := srv.Serve(ln); err != http.ErrServerClosed {
 		log.Fatal(err)
 	}
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "ok"
+	}
+	return err.Error()
 }
