@@ -135,7 +135,9 @@ func (k *pairKeys) findKK(ring *Keyring, pre *preamble, raw []byte, now time.Tim
 func (k *pairKeys) indexLocked(ring *Keyring, w uint64) error {
 	gen := ring.generation()
 	if k.index.ring != ring || k.index.gen != gen || k.index.windows == nil {
-		k.index = hintIndex{ring: ring, gen: gen, windows: make(map[uint64]map[[preambleHint]byte][]*pairSecrets)}
+		// Until every peer's keys are derived there is no index: a token
+		// failure part way leaves none, and the next preamble tries again.
+		k.index = hintIndex{}
 		live := make(map[PublicKey]bool)
 		for _, p := range ring.Peers() {
 			if p.PublicKey.Curve() != k.own.Curve() {
@@ -155,6 +157,7 @@ func (k *pairKeys) indexLocked(ring *Keyring, w uint64) error {
 				delete(k.pairs, pub) // removed from the keyring: forget its keys
 			}
 		}
+		k.index = hintIndex{ring: ring, gen: gen, windows: make(map[uint64]map[[preambleHint]byte][]*pairSecrets)}
 	}
 	for win := range k.index.windows {
 		if win+1 < w || win > w+1 {
