@@ -132,8 +132,12 @@ type outState struct {
 	half      *halfState
 	pending   *[]byte // sealed bytes a timed-out Write left unsent
 	pendingAt int
-	closed    bool // close record sent
-	err       error
+	// cut is set while the last Write that returned has failed to take all
+	// of its bytes: the caller meant to send more than the peer got, so a
+	// close record, which tells the peer it has everything, would be a lie.
+	cut    bool
+	closed bool // close record sent
+	err    error
 }
 
 // maxIdleRecords bounds consecutive records without data (empty DATA,
@@ -430,12 +434,22 @@ func (in *inState) readFailed(err error) error {
 // ErrWriteClosed is returned by Write after CloseWrite.
 var ErrWriteClosed = errors.New("noisetor: write after CloseWrite")
 
+// ErrWriteCut is returned (wrapped) by CloseWrite and Close when the last
+// Write returned an error before taking all its bytes: no close record is
+// sent, so the peer reads a truncation (io.ErrUnexpectedEOF), not a clean
+// end of a stream that lacks data.
+var ErrWriteCut = errors.New("noisetor: the last Write was cut short")
+
 // Write writes application data, split into frames of at most 65535 bytes.
 // If the write deadline passes mid-write, Write returns the bytes it has
 // sealed and a timeout error; sealed bytes not yet on the wire stay pending
 // and go out first on the next Write (or Close), so the connection stays
 // usable.
-func (c *Conn) Write(b []byte) (int, error) {
+//
+// A Write that returns an error before taking all of b leaves the stream
+// cut: until a later Write completes in full, CloseWrite and Close send no
+// close record (see ErrWriteCut).
+func (c *Conn) Write(b []byte) (n int, err error) {
 	for {
 		x := c.activeCall.Load()
 		if x&1 != 0 {
@@ -451,11 +465,14 @@ func (c *Conn) Write(b []byte) (int, error) {
 	}
 	c.out.mu.Lock()
 	defer c.out.mu.Unlock()
-	if c.out.err != nil {
-		return 0, c.out.err
-	}
 	if c.out.closed {
 		return 0, ErrWriteClosed
+	}
+	if want := len(b); want > 0 {
+		defer func() { c.out.cut = n < want }()
+	}
+	if c.out.err != nil {
+		return 0, c.out.err
 	}
 	if d := c.writeDeadline.Load(); d != 0 && time.Now().UnixNano() >= d {
 		return 0, &net.OpError{Op: "write", Net: "noisetor", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.ErrDeadlineExceeded}
@@ -535,10 +552,14 @@ func (c *Conn) flushPending() error {
 	return nil
 }
 
-// sendClose flushes pending data and sends the close record once.
+// sendClose flushes pending data and sends the close record once. It sends
+// none unless every byte of every Write was accepted and is on the wire.
 func (c *Conn) sendClose() error {
 	if c.out.err != nil {
 		return c.out.err
+	}
+	if c.out.cut {
+		return ErrWriteCut
 	}
 	if err := c.flushPending(); err != nil {
 		return err
@@ -554,7 +575,9 @@ func (c *Conn) sendClose() error {
 
 // CloseWrite sends the close record, after which the peer reads io.EOF, and
 // then half-closes the underlying connection if it supports CloseWrite (as
-// *net.TCPConn does). Reading stays possible.
+// *net.TCPConn does). Reading stays possible. If the last Write was cut
+// short, or sealed bytes cannot be sent, CloseWrite sends no close record and
+// returns an error (ErrWriteCut in the first case).
 func (c *Conn) CloseWrite() error {
 	if err := c.Handshake(); err != nil {
 		return err
@@ -563,7 +586,7 @@ func (c *Conn) CloseWrite() error {
 	err := c.sendClose()
 	c.out.mu.Unlock()
 	if err != nil {
-		return err
+		return fmt.Errorf("noisetor: close record not sent: %w", err)
 	}
 	if cw, ok := c.conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
@@ -575,8 +598,12 @@ func (c *Conn) CloseWrite() error {
 // a peer that is not reading.
 const closeRecordTimeout = 5 * time.Second
 
-// Close sends the close record (when no Write is in flight and the handshake
-// has completed) and closes the underlying connection.
+// Close sends the close record (when no Write is in flight, the handshake
+// has completed and no Write was cut short, see ErrWriteCut) and closes the
+// underlying connection. A Close concurrent with a Write breaks the Write and
+// sends no close record. Close cannot know whether the caller has more to
+// send: a program that stops a sender between two Writes, and means the
+// stream to be incomplete, closes NetConn() first.
 func (c *Conn) Close() error {
 	var x int32
 	for {

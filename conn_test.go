@@ -305,3 +305,84 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 	defer s.mu.Unlock()
 	return s.b.Write(p)
 }
+
+// A Write cut short by its deadline leaves the stream incomplete: neither
+// CloseWrite nor Close may then send a close record, which would tell the
+// peer it has all the data, until a later Write has completed.
+func TestNoCloseRecordAfterCutWrite(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	// cutWrite fills the socket buffers (the peer is not reading yet) until a
+	// Write times out before taking all its bytes; it returns what the
+	// Writes took and what the cut one left.
+	cutWrite := func(t *testing.T, cc *Conn) (sent, rest []byte) {
+		msg := make([]byte, 4<<20)
+		rand.Read(msg)
+		cc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		for {
+			n, err := cc.Write(msg)
+			sent = append(sent, msg[:n]...)
+			if err != nil {
+				if !isTimeout(err) {
+					t.Fatal(err)
+				}
+				cc.SetWriteDeadline(time.Time{})
+				return sent, msg[n:]
+			}
+		}
+	}
+	readAll := func(c *Conn) <-chan error {
+		done := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(io.Discard, c)
+			done <- err
+		}()
+		return done
+	}
+	t.Run("closewrite", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer sc.Close()
+		cutWrite(t, cc)
+		read := readAll(sc)
+		if err := cc.CloseWrite(); !errors.Is(err, ErrWriteCut) {
+			t.Fatalf("CloseWrite after a cut Write: %v, want ErrWriteCut", err)
+		}
+		if err := cc.Close(); !errors.Is(err, ErrWriteCut) {
+			t.Fatalf("Close after a cut Write: %v, want ErrWriteCut", err)
+		}
+		if err := <-read; !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("peer read %v, want io.ErrUnexpectedEOF", err)
+		}
+	})
+	t.Run("close", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer sc.Close()
+		cutWrite(t, cc)
+		read := readAll(sc)
+		cc.Close()
+		if err := <-read; !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("peer read %v, want io.ErrUnexpectedEOF", err)
+		}
+	})
+	t.Run("resumed", func(t *testing.T) {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		defer sc.Close()
+		sent, rest := cutWrite(t, cc)
+		done := make(chan []byte, 1)
+		go func() {
+			got, err := io.ReadAll(sc)
+			if err != nil {
+				t.Error(err)
+			}
+			done <- got
+		}()
+		if _, err := cc.Write(rest); err != nil {
+			t.Fatal(err)
+		}
+		if err := cc.Close(); err != nil {
+			t.Fatalf("Close after the rest was written: %v", err)
+		}
+		if got := <-done; !bytes.Equal(got, append(sent, rest...)) {
+			t.Fatalf("peer got %d bytes, want %d", len(got), len(sent)+len(rest))
+		}
+	})
+}
