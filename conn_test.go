@@ -154,7 +154,7 @@ func TestRekey(t *testing.T) {
 	if !bytes.Equal(got1, msg) || !bytes.Equal(got2, msg) {
 		t.Fatalf("data mismatch after rekeying: %d and %d bytes", len(got1), len(got2))
 	}
-	if cc.out.half.cs.Nonce() < 10 || keyBefore == [32]byte{} {
+	if cc.out.half.n < 10 || keyBefore == [32]byte{} {
 		t.Fatal("no traffic")
 	}
 }
@@ -385,4 +385,65 @@ func TestNoCloseRecordAfterCutWrite(t *testing.T) {
 			t.Fatalf("peer got %d bytes, want %d", len(got), len(sent)+len(rest))
 		}
 	})
+}
+
+// choppyConn returns at most a few bytes per Read, a different number each
+// time, so that frames arrive split everywhere.
+type choppyConn struct {
+	net.Conn
+	sizes []int
+	i     int
+}
+
+func (c *choppyConn) Read(b []byte) (int, error) {
+	c.i++
+	return c.Conn.Read(b[:min(len(b), c.sizes[c.i%len(c.sizes)])])
+}
+
+// Records of every size cross the receive buffer's shapes (the inline small
+// buffer, the pooled big one, and the moves between them) intact, however
+// the stream is split, and with Reads of every size.
+func TestReadBufferShapes(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	sizes := []int{1, 2, 3, smallRead - 20, smallRead - 19, smallRead, 5000, maxPayload, maxPayload + 1, 3*maxPayload + 7, 300_000}
+	var msgs [][]byte
+	var want []byte
+	for range 3 {
+		for _, n := range sizes {
+			msg := make([]byte, n)
+			rand.Read(msg)
+			msgs = append(msgs, msg)
+			want = append(want, msg...)
+		}
+	}
+	readSizes := []int{1, 7, smallRead, 4096, maxPayload + 5, 1 << 20}
+	for _, split := range [][]int{{1 << 20}, {1, 2, 3, 5, 7, 11, 13}, {smallRead, 1, maxFrame + 3, 17, 100_000}} {
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		sc.conn = &choppyConn{Conn: sc.conn, sizes: split}
+		go func() {
+			for _, msg := range msgs {
+				cc.Write(msg)
+			}
+			cc.Close()
+		}()
+		var got []byte
+		for i := 0; ; i++ {
+			buf := make([]byte, readSizes[i%len(readSizes)])
+			n, err := sc.Read(buf)
+			got = append(got, buf[:n]...)
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("split %v: %v", split, err)
+			}
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("split %v: got %d bytes, want %d, or they differ", split, len(got), len(want))
+		}
+		if sc.in.big != nil {
+			t.Errorf("split %v: the big buffer is held after the end of the stream", split)
+		}
+		sc.Close()
+	}
 }
