@@ -504,6 +504,62 @@ func BenchmarkHandshake(b *testing.B) {
 	}
 }
 
+// keyringPeers is the keyring size of BenchmarkHandshakeKeyring.
+const keyringPeers = 10_000
+
+// BenchmarkHandshakeKeyring times KK handshakes with a server whose keyring
+// holds 10,000 peers (the client among them), interleaved with the same
+// against a server whose keyring holds only the client, and reports
+// 1peer-ns/op and x-1peer, the time with 10,000 over the time with one (the
+// goal: within 10 %).
+func BenchmarkHandshakeKeyring(b *testing.B) {
+	cc, sc := benchPeers(b, KK, ChaChaPoly)
+	client, _ := sc.Keyring.ByName("client")
+	one, err := NewKeyring(client)
+	if err != nil {
+		b.Fatal(err)
+	}
+	many, err := NewKeyring(append(manyPeers(b, keyringPeers-1), client)...)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sc1, scN := *sc, *sc
+	sc1.Keyring, scN.Keyring = one, many
+	run := func(srv *Config) *handshakeRunner {
+		return newHandshaker(b,
+			func(c net.Conn) handshaker { return Client(c, cc, "server") },
+			func(c net.Conn) handshaker { return Server(c, srv) })
+	}
+	withMany, withOne := run(&scN), run(&sc1)
+	b.ReportAllocs()
+	opCPU, wall, cpu := interleave(b, withMany.run, withOne.run)
+	withMany.close()
+	withOne.close()
+	own := float64(b.Elapsed()) / float64(b.N)
+	b.ReportMetric(wall[0], "1peer-ns/op")
+	b.ReportMetric(own/wall[0], "x-1peer")
+	b.ReportMetric(opCPU/cpu[0], "x-1peer-cpu")
+}
+
+// manyPeers returns n keyring peers with fresh keys, made once per process.
+func manyPeers(b *testing.B, n int) []Peer {
+	manyPeersOnce.Do(func() {
+		for i := range n {
+			k, err := GenerateKey(X25519, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			manyPeersList = append(manyPeersList, Peer{Name: "peer-" + strconv.Itoa(i), PublicKey: k.PublicKey()})
+		}
+	})
+	return manyPeersList[:n]
+}
+
+var (
+	manyPeersOnce sync.Once
+	manyPeersList []Peer
+)
+
 // handshaker is what *tls.Conn and *Conn have in common.
 type handshaker interface {
 	net.Conn

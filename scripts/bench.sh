@@ -67,7 +67,7 @@ if [ -z "$analyse_only" ]; then
 		echo "round $round/$count: load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 		echo "# round $round load $(cut -d' ' -f1-3 /proc/loadavg)" >>"$out"
 		(cd "$work" && "$bin" -test.run '^$' \
-			-test.bench '^(BenchmarkThroughput|BenchmarkRoundTrip|BenchmarkHandshake|BenchmarkIdleConn)$' \
+			-test.bench '^(BenchmarkThroughput|BenchmarkRoundTrip|BenchmarkHandshake|BenchmarkHandshakeKeyring|BenchmarkIdleConn)$' \
 			-test.benchtime "${BENCHTIME:-1s}" -test.count 1 -test.benchmem) | tee -a "$out" | grep '^Benchmark' >&2
 	done
 fi
@@ -127,6 +127,7 @@ END {
 	check("throughput aesgcm allocs/op (64 KiB)", T "aesgcm", "allocs/op", "<=", 0)
 	check("handshake kk / tls13 mutual (time)", H "kk", "x-tls13", "<=", 0.5)
 	check("handshake xk / tls13 mutual (time)", H "xk", "x-tls13", "<=", 0.5)
+	check("handshake, 10,000-peer / 1-peer keyring", "BenchmarkHandshakeKeyring", "x-1peer", "<=", 1.1)
 	check("idle conn heap per end (B)", "BenchmarkIdleConn", "B/conn", "<=", 4096)
 	print "  by CPU time (steadier when other work shares the cores)"
 	check("throughput aesgcm / bound", T "aesgcm", "x-bound-cpu", ">=", 0.8)
@@ -136,6 +137,7 @@ END {
 	check("round trip chachapoly / tls13", R "chachapoly", "x-tls13-cpu", "<=", 1.0)
 	check("handshake kk / tls13 mutual", H "kk", "x-tls13-cpu", "<=", 0.5)
 	check("handshake xk / tls13 mutual", H "xk", "x-tls13-cpu", "<=", 0.5)
+	check("handshake, 10,000-peer / 1-peer keyring", "BenchmarkHandshakeKeyring", "x-1peer-cpu", "<=", 1.1)
 	print "  for information (no target)"
 	check("throughput chachapoly / tls13 (AES-128-GCM)", T "chachapoly", "x-tls13", ">=", 0)
 	check("noisetor read syscalls per 64 KiB, both ends", T "aesgcm", "reads/op", ">=", 0)
