@@ -214,10 +214,11 @@ type outState struct {
 const maxIdleRecords = 16
 
 // smallRead is the inline receive buffer: a frame of up to this size (a
-// body of up to smallRead-20 bytes) needs no pooled buffer. readBufSize is
-// the pooled one: large reads need fewer system calls and wake-ups.
+// body of up to smallRead-19 bytes) needs no pooled buffer. Its size makes a
+// Conn 896 bytes, one of the allocator's size classes. readBufSize is the
+// pooled one: large reads need fewer system calls and wake-ups.
 const (
-	smallRead   = 512
+	smallRead   = 448
 	readBufSize = 4 * maxFrame
 )
 
