@@ -1,11 +1,14 @@
 package noisetor
 
 import (
+	"bytes"
 	"context"
+	"crypto/cipher"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"sync"
@@ -81,15 +84,65 @@ type Conn struct {
 	out outState
 }
 
-// halfState is the cipher state of one direction.
+// halfState is the cipher state of one direction. After the handshake it
+// drives the AEAD itself with its own nonce counter, so that sealing and
+// opening a frame allocate nothing (noise.CipherState builds each nonce on
+// the heap); the CipherState stays for Rekey, which Noise defines on it.
 type halfState struct {
 	cs        *noise.CipherState
+	c         noise.Cipher
+	aead      cipher.AEAD // c's AEAD, or nil if c does not expose it
+	nonceLE   bool        // ChaChaPoly's nonce encoding (AESGCM's is big-endian)
+	n         uint64      // next nonce
+	nonce     [12]byte
 	bytes     int64 // ciphertext bytes sent since the last rekey (the sender decides)
 	rekeyedAt time.Time
 }
 
 func newHalfState(cs *noise.CipherState) *halfState {
-	return &halfState{cs: cs, rekeyedAt: time.Now()}
+	h := &halfState{cs: cs, n: cs.Nonce(), rekeyedAt: time.Now()}
+	h.setCipher()
+	return h
+}
+
+// setCipher takes the current key's Cipher from cs. The Noise ciphers are
+// AEADs that differ only in how they encode the nonce (Noise §12.3, §12.4),
+// so one seal at nonce 1 tells the encoding, and seal and open then call the
+// AEAD directly.
+func (h *halfState) setCipher() {
+	h.c = h.cs.Cipher()
+	h.aead = nil
+	a, ok := h.c.(cipher.AEAD)
+	if !ok || a.NonceSize() != len(h.nonce) || a.Overhead() != aeadOverhead {
+		return
+	}
+	want := h.c.Encrypt(nil, 1, nil, nil)
+	var le, be [12]byte
+	le[4], be[11] = 1, 1
+	switch {
+	case bytes.Equal(a.Seal(nil, le[:], nil, nil), want):
+		h.aead, h.nonceLE = a, true
+	case bytes.Equal(a.Seal(nil, be[:], nil, nil), want):
+		h.aead, h.nonceLE = a, false
+	}
+}
+
+// nextNonce returns the nonce for the next frame and advances the counter.
+func (h *halfState) nextNonce() (uint64, []byte) {
+	n := h.n
+	// n reaches 2^64-1, which Noise reserves, only after 2^64-1 frames: no
+	// connection can send that many (centuries at a billion frames a
+	// second), but a nonce must never repeat.
+	if n == math.MaxUint64 {
+		panic("noisetor: nonce space exhausted")
+	}
+	h.n++
+	if h.nonceLE {
+		binary.LittleEndian.PutUint64(h.nonce[4:], n)
+	} else {
+		binary.BigEndian.PutUint64(h.nonce[4:], n)
+	}
+	return n, h.nonce[:]
 }
 
 // seal appends one frame: length, then the AEAD of typ || body, sealed in place.
@@ -97,22 +150,30 @@ func (h *halfState) seal(out []byte, typ byte, body []byte) []byte {
 	start := len(out)
 	out = append(out, 0, 0, typ)
 	out = append(out, body...)
-	// Encrypt fails only once the nonce passes 2^64-2: 2^64 frames, which no
-	// connection can send (centuries at a billion frames a second).
-	out, err := h.cs.Encrypt(out[:start+frameHeader], nil, out[start+frameHeader:])
-	if err != nil {
-		panic("noisetor: nonce space exhausted")
+	n, nonce := h.nextNonce()
+	pt := out[start+frameHeader:]
+	if h.aead != nil {
+		out = h.aead.Seal(out[:start+frameHeader], nonce, pt, nil)
+	} else {
+		out = h.c.Encrypt(out[:start+frameHeader], n, nil, pt)
 	}
-	n := len(out) - start - frameHeader
-	binary.BigEndian.PutUint16(out[start:], uint16(n))
-	h.bytes += int64(n)
+	size := len(out) - start - frameHeader
+	binary.BigEndian.PutUint16(out[start:], uint16(size))
+	h.bytes += int64(size)
 	return out
 }
 
 // open authenticates and decrypts a frame in place.
 func (h *halfState) open(dst, frame []byte) (typ byte, body []byte, err error) {
-	pt, err := h.cs.Decrypt(dst, nil, frame)
+	n, nonce := h.nextNonce()
+	var pt []byte
+	if h.aead != nil {
+		pt, err = h.aead.Open(dst, nonce, frame, nil)
+	} else {
+		pt, err = h.c.Decrypt(dst, n, nil, frame)
+	}
 	if err != nil || len(pt) == 0 {
+		h.n-- // nothing was accepted; the connection is failing anyway
 		return 0, nil, fmt.Errorf("%w: frame failed to authenticate", ErrFrame)
 	}
 	return pt[0], pt[1:], nil
@@ -121,20 +182,27 @@ func (h *halfState) open(dst, frame []byte) (typ byte, body []byte, err error) {
 // rekey replaces the key as Noise §11.3 specifies: k = ENCRYPT(k, 2^64-1, "", zeros)[:32].
 func (h *halfState) rekey() {
 	h.cs.Rekey()
+	h.setCipher()
 	h.bytes = 0
 	h.rekeyedAt = time.Now()
 }
 
 type inState struct {
-	mu     sync.Mutex
-	half   *halfState
-	hdr    [frameHeader]byte
-	hdrN   int
-	buf    *[maxMessage]byte // pooled; held only while a frame is in flight or unread
-	frameN int
-	plain  []byte // decrypted data not yet returned
-	idle   int    // records in a row that carried no data
-	err    error  // sticky
+	mu   sync.Mutex
+	half *halfState
+	// Received bytes not yet opened are buf[start:end]. buf is small while
+	// no pooled buffer is held: an idle connection, or one that carries only
+	// small records, holds no large buffer, and a small record costs one
+	// read. A frame larger than small, or read-ahead of one, moves to a
+	// pooled big buffer, which large reads fill several frames at a time and
+	// which goes back to the pool as soon as it holds nothing unreturned.
+	small      [smallRead]byte
+	big        *[readBufSize]byte
+	buf        []byte
+	start, end int
+	plain      []byte // decrypted data not yet returned, inside buf
+	idle       int    // records in a row that carried no data
+	err        error  // sticky
 	// broken is set once a frame failed to authenticate: Close then sends
 	// no close record, so the peer sees a truncation, not a clean end.
 	broken atomic.Bool
@@ -145,8 +213,12 @@ type outState struct {
 	half      *halfState
 	pending   *[]byte // sealed bytes a timed-out Write left unsent
 	pendingAt int
-	closed    bool // close record sent
-	err       error
+	// cut is set while the last Write that returned has failed to take all
+	// of its bytes: the caller meant to send more than the peer got, so a
+	// close record, which tells the peer it has everything, would be a lie.
+	cut    bool
+	closed bool // close record sent
+	err    error
 }
 
 // maxIdleRecords bounds consecutive records without data (empty DATA,
@@ -154,7 +226,16 @@ type outState struct {
 // decrypting without making progress.
 const maxIdleRecords = 16
 
-var readBufPool = sync.Pool{New: func() any { return new([maxMessage]byte) }}
+// smallRead is the inline receive buffer: a frame of up to this size (a
+// body of up to smallRead-19 bytes) needs no pooled buffer. Its size makes a
+// Conn 896 bytes, one of the allocator's size classes. readBufSize is the
+// pooled one: large reads need fewer system calls and wake-ups.
+const (
+	smallRead   = 448
+	readBufSize = 4 * maxFrame
+)
+
+var readBufPool = sync.Pool{New: func() any { return new([readBufSize]byte) }}
 
 // writeBatch is how many full frames one Write seals before it writes them.
 const (
@@ -344,60 +425,94 @@ func (c *Conn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	c.in.mu.Lock()
-	defer c.in.mu.Unlock()
-	for len(c.in.plain) == 0 {
-		if c.in.err != nil {
-			return 0, c.in.err
+	in := &c.in
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	for len(in.plain) == 0 {
+		if in.err != nil {
+			return 0, in.err
 		}
-		if err := c.readRecord(); err != nil {
+		if err := c.readRecord(true); err != nil {
 			return 0, err
 		}
 	}
-	n := copy(b, c.in.plain)
-	c.in.plain = c.in.plain[n:]
-	if len(c.in.plain) == 0 {
-		c.in.releaseBuf()
+	n := copy(b, in.plain)
+	in.plain = in.plain[n:]
+	// Fill b from frames already received, without waiting for more.
+	for n < len(b) && len(in.plain) == 0 && in.err == nil && c.readRecord(false) == nil && len(in.plain) > 0 {
+		k := copy(b[n:], in.plain)
+		in.plain, n = in.plain[k:], n+k
+	}
+	if len(in.plain) == 0 && in.start == in.end {
+		in.releaseBuf()
 	}
 	return n, nil
 }
 
+// releaseBuf returns the big buffer to the pool once it holds nothing.
 func (in *inState) releaseBuf() {
-	if in.buf != nil {
-		readBufPool.Put(in.buf)
-		in.buf, in.plain = nil, nil
+	in.plain = nil
+	if in.big != nil {
+		readBufPool.Put(in.big)
+		in.big = nil
 	}
+	in.buf = in.small[:]
+	in.start, in.end = 0, 0
 }
 
-// readRecord reads and handles one frame. A timeout leaves the partial frame
-// in place so that the next Read resumes it; any other error is final.
-func (c *Conn) readRecord() error {
+// readRecord opens and handles the next frame, reading it first if it has
+// not all arrived; without wait it only opens a frame that has (and returns
+// errNoFrame otherwise). A timeout leaves what has arrived in place so that
+// the next Read resumes; any other error is final.
+func (c *Conn) readRecord(wait bool) error {
 	in := &c.in
-	for in.hdrN < frameHeader {
-		n, err := c.conn.Read(in.hdr[in.hdrN:])
-		in.hdrN += n
-		if err != nil && in.hdrN < frameHeader {
-			return in.readFailed(err)
-		}
-	}
-	size := int(binary.BigEndian.Uint16(in.hdr[:]))
-	if size < aeadOverhead+1 {
-		in.broken.Store(true)
-		in.err = fmt.Errorf("%w: %d-byte frame is shorter than the AEAD tag", ErrFrame, size)
-		return in.err
-	}
 	if in.buf == nil {
-		in.buf = readBufPool.Get().(*[maxMessage]byte)
+		in.buf = in.small[:]
 	}
-	frame := in.buf[:size]
-	for in.frameN < size {
-		n, err := c.conn.Read(frame[in.frameN:])
-		in.frameN += n
-		if err != nil && in.frameN < size {
+	if in.start == in.end && wait {
+		in.releaseBuf()
+	}
+	size := 0
+	for {
+		have := in.end - in.start
+		if have >= frameHeader {
+			size = int(binary.BigEndian.Uint16(in.buf[in.start:]))
+			if size < aeadOverhead+1 {
+				in.broken.Store(true)
+				in.err = fmt.Errorf("%w: %d-byte frame is shorter than the AEAD tag", ErrFrame, size)
+				in.releaseBuf()
+				return in.err
+			}
+			if have >= frameHeader+size {
+				break
+			}
+		}
+		if !wait {
+			return errNoFrame
+		}
+		if need := frameHeader + size; in.start+need > len(in.buf) {
+			// Make room: move what has arrived to the start of the buffer,
+			// or to the big buffer if the frame is larger than the small one.
+			if in.big == nil && need > len(in.small) {
+				in.big = readBufPool.Get().(*[readBufSize]byte)
+				in.end = copy(in.big[:], in.buf[in.start:in.end])
+				in.buf = in.big[:]
+			} else {
+				in.end = copy(in.buf, in.buf[in.start:in.end])
+			}
+			in.start = 0
+		}
+		n, err := c.conn.Read(in.buf[in.end:])
+		in.end += n
+		if err != nil {
+			if have := in.end - in.start; have >= frameHeader && have >= frameHeader+int(binary.BigEndian.Uint16(in.buf[in.start:])) {
+				continue // a whole frame arrived with the error: handle it first
+			}
 			return in.readFailed(err)
 		}
 	}
-	in.hdrN, in.frameN = 0, 0
+	frame := in.buf[in.start+frameHeader : in.start+frameHeader+size]
+	in.start += frameHeader + size
 	typ, body, err := in.half.open(frame[:0], frame)
 	if err != nil {
 		in.broken.Store(true)
@@ -421,6 +536,7 @@ func (c *Conn) readRecord() error {
 		if typ == recordRekey {
 			in.half.rekey()
 		}
+		return nil
 	case typ == recordClose && len(body) == 0:
 		in.err = io.EOF
 	default:
@@ -430,6 +546,10 @@ func (c *Conn) readRecord() error {
 	in.releaseBuf()
 	return in.err
 }
+
+// errNoFrame is readRecord's answer, without wait, when no whole frame has
+// arrived.
+var errNoFrame = errors.New("noisetor: no whole frame buffered")
 
 func (in *inState) readFailed(err error) error {
 	if isTimeout(err) {
@@ -447,12 +567,22 @@ func (in *inState) readFailed(err error) error {
 // ErrWriteClosed is returned by Write after CloseWrite.
 var ErrWriteClosed = errors.New("noisetor: write after CloseWrite")
 
+// ErrWriteCut is returned (wrapped) by CloseWrite and Close when the last
+// Write returned an error before taking all its bytes: no close record is
+// sent, so the peer reads a truncation (io.ErrUnexpectedEOF), not a clean
+// end of a stream that lacks data.
+var ErrWriteCut = errors.New("noisetor: the last Write was cut short")
+
 // Write writes application data, split into frames of at most 65535 bytes.
 // If the write deadline passes mid-write, Write returns the bytes it has
 // sealed and a timeout error; sealed bytes not yet on the wire stay pending
 // and go out first on the next Write (or Close), so the connection stays
 // usable.
-func (c *Conn) Write(b []byte) (int, error) {
+//
+// A Write that returns an error before taking all of b leaves the stream
+// cut: until a later Write completes in full, CloseWrite and Close send no
+// close record (see ErrWriteCut).
+func (c *Conn) Write(b []byte) (n int, err error) {
 	for {
 		x := c.activeCall.Load()
 		if x&1 != 0 {
@@ -468,11 +598,14 @@ func (c *Conn) Write(b []byte) (int, error) {
 	}
 	c.out.mu.Lock()
 	defer c.out.mu.Unlock()
-	if c.out.err != nil {
-		return 0, c.out.err
-	}
 	if c.out.closed {
 		return 0, ErrWriteClosed
+	}
+	if want := len(b); want > 0 {
+		defer func() { c.out.cut = n < want }()
+	}
+	if c.out.err != nil {
+		return 0, c.out.err
 	}
 	if d := c.writeDeadline.Load(); d != 0 && time.Now().UnixNano() >= d {
 		return 0, &net.OpError{Op: "write", Net: "noisetor", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.ErrDeadlineExceeded}
@@ -552,10 +685,14 @@ func (c *Conn) flushPending() error {
 	return nil
 }
 
-// sendClose flushes pending data and sends the close record once.
+// sendClose flushes pending data and sends the close record once. It sends
+// none unless every byte of every Write was accepted and is on the wire.
 func (c *Conn) sendClose() error {
 	if c.out.err != nil {
 		return c.out.err
+	}
+	if c.out.cut {
+		return ErrWriteCut
 	}
 	if err := c.flushPending(); err != nil {
 		return err
@@ -571,7 +708,9 @@ func (c *Conn) sendClose() error {
 
 // CloseWrite sends the close record, after which the peer reads io.EOF, and
 // then half-closes the underlying connection if it supports CloseWrite (as
-// *net.TCPConn does). Reading stays possible.
+// *net.TCPConn does). Reading stays possible. If the last Write was cut
+// short, or sealed bytes cannot be sent, CloseWrite sends no close record and
+// returns an error (ErrWriteCut in the first case).
 func (c *Conn) CloseWrite() error {
 	if err := c.Handshake(); err != nil {
 		return err
@@ -580,7 +719,7 @@ func (c *Conn) CloseWrite() error {
 	err := c.sendClose()
 	c.out.mu.Unlock()
 	if err != nil {
-		return err
+		return fmt.Errorf("noisetor: close record not sent: %w", err)
 	}
 	if cw, ok := c.conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
@@ -592,8 +731,12 @@ func (c *Conn) CloseWrite() error {
 // a peer that is not reading.
 const closeRecordTimeout = 5 * time.Second
 
-// Close sends the close record (when no Write is in flight and the handshake
-// has completed) and closes the underlying connection.
+// Close sends the close record (when no Write is in flight, the handshake
+// has completed and no Write was cut short, see ErrWriteCut) and closes the
+// underlying connection. A Close concurrent with a Write breaks the Write and
+// sends no close record. Close cannot know whether the caller has more to
+// send: a program that stops a sender between two Writes, and means the
+// stream to be incomplete, closes NetConn() first.
 func (c *Conn) Close() error {
 	if c.live != nil {
 		c.live.untrack(c)

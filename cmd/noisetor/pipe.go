@@ -118,9 +118,12 @@ var serveCmd = &command{
 	long: `
 Serve listens on ADDR, waits for one peer from the keyring to complete the
 handshake, then copies standard input to the peer and the peer's data to
-standard output, like "nc -l". It exits when both directions have ended: 0 if
-the peer closed its side cleanly, 1 if the stream was cut (data may be
-missing). Use it with 'noisetor connect' on the other machine to test a link.
+standard output, like "nc -l". Each direction ends on its own: after the
+peer has closed its side, serve goes on sending until standard input ends. It
+exits when both directions have ended: 0 if all of standard input was sent and
+the peer closed its side cleanly, 1 if the stream was cut or not all input
+could be sent (data may be missing; the peer then sees a cut stream too). Use
+it with 'noisetor connect' on the other machine to test a link.
 
 With --onion-key and a tor (--tor-data or --tor-control) it publishes an
 onion service and listens there; only peers with an auth= key in the keyring
@@ -200,8 +203,10 @@ must be some peer's addr=, or --peer must name the peer expected there.
 With --tor-data or --tor-control the connection goes through tor, isolated
 from other peers' circuits, and --client-auth-key registers this machine's
 client-authorization key for the onion service. --socks uses a plain SOCKS5
-port instead. Exit status 0 if the peer
-closed its side cleanly, 1 if the handshake failed or the stream was cut.`,
+port instead. As with serve, each direction ends on its own, and connect
+exits when both have: status 0 if all of standard input was sent and the peer
+closed its side cleanly, 1 if the handshake failed, the stream was cut or not
+all input could be sent.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(connectOptions)
 		o.link.register(fs, "kk")
@@ -321,11 +326,19 @@ func socksHint(err error) error {
 
 // pipe copies stdin to conn and conn to stdout until both directions end.
 // When stdin ends it half-closes conn (CloseWrite), so the peer sees a clean
-// end of data and can still answer. A stream cut without the peer's close
-// record is an error: the data may be truncated.
+// end of data and can still answer. Each direction ends on its own (WIRE.md
+// §6.4): after the peer's close record, pipe goes on sending until stdin
+// ends. It succeeds only if both directions ended cleanly: all of stdin sent
+// and closed with a close record, and the peer's close record received. A
+// stream cut without the peer's close record is an error (the data may be
+// truncated); so is input that could not all be sent, and then pipe sends no
+// close record, so that the peer sees a truncation too.
 func pipe(e *env, conn *noisetor.Conn) error {
+	// abort ends the connection without a close record: Close sends one
+	// when no Write is in flight, and the sender may be between two.
+	abort := func() { conn.NetConn().Close() }
 	defer conn.Close()
-	stop := context.AfterFunc(e.ctx, func() { conn.Close() })
+	stop := context.AfterFunc(e.ctx, abort)
 	defer stop()
 
 	sent := make(chan error, 1)
@@ -335,27 +348,38 @@ func pipe(e *env, conn *noisetor.Conn) error {
 			err = conn.CloseWrite()
 		}
 		sent <- err
+		if err != nil {
+			abort() // the peer must not wait for the rest; it sees a truncation
+		}
 	}()
 	_, rerr := io.Copy(e.stdout, conn)
-	if e.ctx.Err() != nil {
+	switch {
+	case e.ctx.Err() != nil:
+		abort()
 		return errors.New("interrupted")
-	}
-	if rerr != nil {
+	case rerr != nil:
+		abort()
+		select {
+		case serr := <-sent:
+			if serr != nil { // the sender failed first and cut the connection
+				return fmt.Errorf("sending: not all input was delivered: %w", serr)
+			}
+		default:
+		}
 		if errors.Is(rerr, io.ErrUnexpectedEOF) {
 			return errors.New("the connection was cut before the peer closed it: the data may be incomplete")
 		}
 		return fmt.Errorf("receiving: %w", rerr)
 	}
-	// The peer has finished sending. Wait for our side unless stdin is
-	// still open: a peer that closed completely cannot receive more.
+	// The peer has finished sending; our direction is still ours to finish.
 	select {
-	case err := <-sent:
-		if err != nil {
-			return fmt.Errorf("sending: %w", err)
+	case serr := <-sent:
+		if serr != nil {
+			return fmt.Errorf("sending: not all input was delivered: %w", serr)
 		}
-	case <-time.After(time.Second):
-		// stdin is still open (a terminal, say); the peer has closed its
-		// side, so there is nobody left to read what we would send.
+		return nil
+	case <-e.ctx.Done():
+		abort()
+		return errors.New("interrupted")
 	}
-	return nil
 }
