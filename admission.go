@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -23,12 +24,31 @@ type admission struct {
 	turns    map[PublicKey]*peerTurns
 }
 
-// peerTurns bounds one peer's concurrent handshakes.
+// peerTurns bounds one peer's concurrent handshakes. The newest connection
+// of a peer takes precedence: a handshake that has held a turn for
+// turnMinAge while another of the peer's connections arrives is dropped for
+// it, and waiting connections are served newest first. So handshakes that
+// never finish (a replayer's, which cannot send CONFIRM, or a stalled
+// member's) can keep no connection of that peer out for long, and they cost
+// only that peer's share.
 type peerTurns struct {
 	key     PublicKey
-	sem     chan struct{} // one token per running handshake
-	waiting int
+	running []*Conn       // holding a turn, oldest first
+	waiting []*turnWaiter // oldest first; served from the end
+	dh      chan struct{} // the peer's share of the DH slots
+	timer   *time.Timer   // armed while connections wait: see rebalance
 }
+
+type turnWaiter struct {
+	c       *Conn
+	ready   chan struct{} // closed when granted or refused
+	granted bool
+}
+
+// turnMinAge is how long a running handshake keeps its turn against a newer
+// connection of the same peer: a real handshake needs one round trip after
+// its turn (message 2 out, CONFIRM in), seconds even over Tor.
+const turnMinAge = 5 * time.Second
 
 // enter admits a new unauthenticated connection, dropping another if the
 // places are full, and gives it timeout to send its preamble.
@@ -92,13 +112,25 @@ func (a *admission) leave(c *Conn) {
 	a.remove(c)
 	if t := c.turn; t != nil {
 		c.turn = nil
-		<-t.sem
+		t.running = slices.DeleteFunc(t.running, func(x *Conn) bool { return x == c })
+		if n := len(t.waiting); n > 0 {
+			w := t.waiting[n-1] // newest first
+			t.waiting = t.waiting[:n-1]
+			t.grant(w)
+		}
 		a.forgetIdle(t)
 	}
 }
 
+func (t *peerTurns) grant(w *turnWaiter) {
+	w.granted = true
+	w.c.turn, w.c.turnStart = t, time.Now()
+	t.running = append(t.running, w.c)
+	close(w.ready)
+}
+
 func (a *admission) forgetIdle(t *peerTurns) {
-	if len(t.sem) == 0 && t.waiting == 0 && a.turns[t.key] == t {
+	if len(t.running) == 0 && len(t.waiting) == 0 && a.turns[t.key] == t {
 		delete(a.turns, t.key)
 	}
 }
@@ -143,7 +175,7 @@ func (l *listener) preambleReceived(c *Conn) {
 // its preamble tag; XK: message 3), out of the unauthenticated places and
 // waits, within ctx, for one of the peer's turns.
 func (l *listener) authenticated(ctx context.Context, c *Conn, peer PublicKey) error {
-	max := l.cfg.maxHandshakesPerPeer()
+	limit := l.cfg.maxHandshakesPerPeer()
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
@@ -152,48 +184,118 @@ func (l *listener) authenticated(ctx context.Context, c *Conn, peer PublicKey) e
 	l.admission.remove(c)
 	t := l.admission.turns[peer]
 	if t == nil {
-		t = &peerTurns{key: peer, sem: make(chan struct{}, max)}
+		t = &peerTurns{key: peer, dh: make(chan struct{}, max(1, cap(l.dhSlots)/2))}
 		l.admission.turns[peer] = t
 	}
-	if t.waiting >= maxWaitingTurns*max {
-		l.mu.Unlock()
-		return fmt.Errorf("%w: this peer has %d handshakes running and %d waiting", errTooManyHandshakes, max, t.waiting)
+	c.peerDH = t.dh
+	now := time.Now()
+	if len(t.running) >= limit && now.Sub(t.running[0].turnStart) >= turnMinAge {
+		// The oldest has had its round trip and more: this one goes first.
+		old := t.running[0]
+		t.running = t.running[1:]
+		old.turn = nil
+		old.drop("a newer connection of the same peer took its turn")
 	}
-	t.waiting++
+	if len(t.running) < limit {
+		c.turn, c.turnStart = t, now
+		t.running = append(t.running, c)
+		l.mu.Unlock()
+		return nil
+	}
+	if len(t.waiting) >= maxWaitingTurns*limit {
+		// Full: the oldest waiting connection of this peer makes room.
+		old := t.waiting[0]
+		t.waiting = t.waiting[1:]
+		close(old.ready)
+	}
+	w := &turnWaiter{c: c, ready: make(chan struct{})}
+	t.waiting = append(t.waiting, w)
+	l.armRebalance(t, now)
 	l.mu.Unlock()
 
 	var err error
 	select {
-	case t.sem <- struct{}{}:
+	case <-w.ready:
 	case <-ctx.Done():
 		err = ctx.Err()
 	}
 	l.mu.Lock()
-	t.waiting--
-	if err == nil {
-		c.turn = t
-	} else {
-		l.admission.forgetIdle(t)
+	defer l.mu.Unlock()
+	if w.granted {
+		return nil // granted, perhaps as ctx ended: leave releases it
 	}
-	l.mu.Unlock()
+	t.waiting = slices.DeleteFunc(t.waiting, func(x *turnWaiter) bool { return x == w })
+	l.admission.forgetIdle(t)
+	if err == nil {
+		return fmt.Errorf("%w: newer connections of this peer took the %d places in its queue", errTooManyHandshakes, maxWaitingTurns*limit)
+	}
 	return err
+}
+
+// armRebalance makes sure that, while connections of t's peer wait, its
+// oldest running handshake is displaced once it reaches turnMinAge. l.mu
+// must be held.
+func (l *listener) armRebalance(t *peerTurns, now time.Time) {
+	if t.timer != nil || len(t.waiting) == 0 || len(t.running) == 0 {
+		return
+	}
+	t.timer = time.AfterFunc(t.running[0].turnStart.Add(turnMinAge).Sub(now), func() { l.rebalance(t) })
+}
+
+// rebalance gives the turns of handshakes that have run for turnMinAge to
+// the newest waiting connections.
+func (l *listener) rebalance(t *peerTurns) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t.timer = nil
+	if l.closed {
+		return
+	}
+	now := time.Now()
+	for len(t.waiting) > 0 && len(t.running) > 0 && now.Sub(t.running[0].turnStart) >= turnMinAge {
+		old := t.running[0]
+		t.running = t.running[1:]
+		old.turn = nil
+		old.drop("a newer connection of the same peer took its turn")
+		n := len(t.waiting)
+		w := t.waiting[n-1]
+		t.waiting = t.waiting[:n-1]
+		t.grant(w)
+	}
+	l.armRebalance(t, now)
 }
 
 // maxWaitingTurns: a peer's connections beyond its running handshakes wait
 // for a turn, up to this many times MaxHandshakesPerPeer (with the default,
-// 128 connections in all, enough for an http.Client's burst); more are
-// refused, so a member cannot hold unbounded sockets.
+// 128 connections in all, enough for an http.Client's burst); past that the
+// oldest waiting one is dropped, so a member cannot hold unbounded sockets.
 const maxWaitingTurns = 15
 
 var errTooManyHandshakes = fmt.Errorf("noisetor: too many concurrent handshakes from one peer")
 
-// acquireDH waits, within ctx, for a DH slot; release it as soon as the DH
-// is done.
-func (l *listener) acquireDH(ctx context.Context) (release func(), err error) {
+// acquireDH waits, within ctx, for a DH slot, and first for one of the
+// caller's peer's share (at most half the slots), so that no one member can
+// hold every slot; release it as soon as the DH is done.
+func (l *listener) acquireDH(ctx context.Context, c *Conn) (release func(), err error) {
+	if c.peerDH != nil {
+		select {
+		case c.peerDH <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	select {
 	case l.dhSlots <- struct{}{}:
-		return func() { <-l.dhSlots }, nil
 	case <-ctx.Done():
+		if c.peerDH != nil {
+			<-c.peerDH
+		}
 		return nil, ctx.Err()
 	}
+	return func() {
+		<-l.dhSlots
+		if c.peerDH != nil {
+			<-c.peerDH
+		}
+	}, nil
 }

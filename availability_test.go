@@ -196,7 +196,7 @@ func TestAvailabilityStalledHandshakes(t *testing.T) {
 	turns := l.admission.turns[mallory.key.PublicKey()]
 	held := 0
 	if turns != nil {
-		held = len(turns.sem) + turns.waiting
+		held = len(turns.running) + len(turns.waiting)
 	}
 	l.mu.Unlock()
 	if limit := (1 + maxWaitingTurns) * defaultMaxHandshakesPerPeer; held > limit {

@@ -96,9 +96,10 @@ type Config struct {
 	PreambleTimeout time.Duration
 
 	// MaxHandshakesPerPeer bounds the handshakes one keyring peer runs at
-	// once on a Listener; more of its connections wait for a turn (up to 15
-	// times as many; past that they are refused). A peer can use up only its
-	// own share. Default: 8.
+	// once on a Listener; more of its connections wait for a turn, newest
+	// first (up to 15 times as many; past that the oldest waiting one is
+	// dropped), and a newer connection takes the turn of a handshake that has
+	// run for 5 seconds. A peer can use up only its own share. Default: 8.
 	MaxHandshakesPerPeer int
 
 	// MaxConcurrentDH bounds the DH operations a Listener computes at once

@@ -59,6 +59,8 @@ type Conn struct {
 	unauthenticated bool
 	preambleTimer   *time.Timer
 	turn            *peerTurns
+	turnStart       time.Time
+	peerDH          chan struct{} // the peer's share of the DH slots
 
 	live *liveConns // tracks c once established
 

@@ -362,12 +362,13 @@ func (c *Conn) refusedErr(next string, raw, err error) error {
 	if remote.IsZero() {
 		remote = c.remoteStatic
 	}
-	why := "it does not list our key, or the key we hold for it is not its key, or our clocks differ by more than 10 minutes, or it is at its connection limits"
+	why := fmt.Sprintf("it does not list our key, or the key we hold for it is not its key, or it does not accept %v with %v on %v, or our clocks differ by more than 10 minutes, or it is at its connection limits",
+		c.state.Pattern, c.state.CipherSuite, own.Curve())
 	if c.state.Pattern == XK && next == "its confirm record" {
-		why = "it does not list our key in its keyring"
+		why = "it does not list our key in its keyring, or it is at its connection limits"
 	}
-	return fmt.Errorf("%w: %q closed the connection instead of sending %s: %s (our key's fingerprint %s; the key we hold for %q has fingerprint %s)",
-		ErrRefused, c.state.Peer.Name, next, why, own.Fingerprint(), c.state.Peer.Name, remote.Fingerprint())
+	return fmt.Errorf("%w: %q closed the connection instead of sending %s: %s (the pattern we asked for is %v; our key's fingerprint %s; the key we hold for %q has fingerprint %s)",
+		ErrRefused, c.state.Peer.Name, next, why, c.state.Pattern, own.Fingerprint(), c.state.Peer.Name, remote.Fingerprint())
 }
 
 // isClosedByPeer reports an end of stream or a reset: what an initiator sees
@@ -437,8 +438,9 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	keys := cfg.keys()
 	var remote PublicKey
 	replay := keys.replay
+	var window, now uint64
 	if pre.pattern == KK {
-		p, secrets, err := keys.findKK(cfg.Keyring, pre, rawPreamble, cfg.now())
+		p, secrets, w, err := keys.findKK(cfg.Keyring, pre, rawPreamble, cfg.now())
 		if err != nil {
 			c.refusal = "our static key failed"
 			return readMessageErr(err, "the preamble", "could not be checked")
@@ -448,15 +450,17 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, keys.ownFingerprint)
 		}
 		c.state.Peer, remote, replay = p, p.PublicKey, secrets.replay
+		window, now = w, preambleWindowOf(cfg.now())
 	} else if !tagEqual(xkTag(keys.xkKey, rawPreamble[:32]), pre.tag) {
 		c.refusal = "preamble did not verify"
 		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, keys.ownFingerprint)
 	}
-	// A KK peer's salts are kept apart from every other peer's, so that no
-	// member can flush them to replay another member's preambles.
-	if !replay.add(pre.salt) {
+	if err := replay.add(pre.salt, window, now); err != nil {
 		c.refusal = "replayed preamble"
-		return fmt.Errorf("%w: preamble salt seen before", ErrReplay)
+		if errors.Is(err, errReplayCacheFull) {
+			c.refusal = "peer's replay cache full"
+		}
+		return err
 	}
 	c.refusal = ""
 	// Waits for a turn or a DH slot end with the handshake.
@@ -570,7 +574,7 @@ func (c *Conn) dhGate(ctx context.Context) func() (func(), error) {
 	if c.guard == nil {
 		return nil
 	}
-	return func() (func(), error) { return c.guard.acquireDH(ctx) }
+	return func() (func(), error) { return c.guard.acquireDH(ctx, c) }
 }
 
 // drop closes a connection whose handshake is still running, recording why

@@ -48,7 +48,7 @@ func newPairKeys(static StaticKey) *pairKeys {
 		own:            own,
 		ownFingerprint: own.Fingerprint(),
 		xkKey:          xkTagKey(own),
-		replay:         newReplayCache(replayCacheSize),
+		replay:         newReplayCache(replayCacheSize, false),
 		pairs:          make(map[PublicKey]*pairSecrets),
 	}
 }
@@ -73,7 +73,7 @@ func (k *pairKeys) secretsLocked(peer PublicKey) (*pairSecrets, error) {
 	if allZero(ss) {
 		return nil, fmt.Errorf("%w: DH with a peer key gave the all-zero output", ErrBadKey)
 	}
-	s := &pairSecrets{peer: peer, replay: newReplayCache(peerReplayCacheSize)}
+	s := &pairSecrets{peer: peer, replay: newReplayCache(peerReplayCacheSize, true)}
 	if s.toPeer, err = derivePairKey(ss, k.own, peer); err == nil {
 		s.toUs, err = derivePairKey(ss, peer, k.own)
 	}
@@ -98,36 +98,37 @@ func (k *pairKeys) toPeer(peer PublicKey) (*pairKey, error) {
 
 // findKK returns the keyring peer whose pair key produced the hint and tag of
 // the KK preamble raw (48 bytes), sent at a time within one window of now,
-// and its secrets; nil secrets if there is none. It costs a map lookup per
+// its secrets and the window of its hint; nil secrets if there is none. It costs a map lookup per
 // accepted window and one HMAC per candidate (one, barring a 64-bit
 // collision), whatever the size of the keyring, and never a DH once the index
 // is built.
-func (k *pairKeys) findKK(ring *Keyring, pre *preamble, raw []byte, now time.Time) (Peer, *pairSecrets, error) {
+func (k *pairKeys) findKK(ring *Keyring, pre *preamble, raw []byte, now time.Time) (Peer, *pairSecrets, uint64, error) {
 	w := preambleWindowOf(now)
 	k.mu.Lock()
 	if err := k.indexLocked(ring, w); err != nil {
 		k.mu.Unlock()
-		return Peer{}, nil, err
+		return Peer{}, nil, 0, err
 	}
 	var match *pairSecrets
+	var window uint64
 	for _, win := range [3]uint64{w, w - 1, w + 1} {
 		for _, s := range k.index.windows[win][pre.hint] {
 			if tagEqual(s.toUs.tag(raw[:32]), pre.tag) {
-				match = s
+				match, window = s, win
 			}
 		}
 	}
 	k.mu.Unlock()
 	if match == nil {
-		return Peer{}, nil, nil
+		return Peer{}, nil, 0, nil
 	}
 	// The keyring has the last word: a peer removed since the index was
 	// built is not accepted.
 	p, ok := ring.ByKey(match.peer)
 	if !ok {
-		return Peer{}, nil, nil
+		return Peer{}, nil, 0, nil
 	}
-	return p, match, nil
+	return p, match, window, nil
 }
 
 // indexLocked brings the hint index up to date for ring and window w: the

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -184,45 +185,76 @@ func prologue(rawPreamble []byte) []byte {
 	return append([]byte(prologueLabel), rawPreamble...)
 }
 
-// Replay caches bound the preamble salts remembered. An exact replay within
-// that many handshakes is dropped before any DH; an older one costs one
-// handshake's DH and still yields no session (WIRE.md §6.2). A KK preamble
-// replayed after its hint window has passed fails the hint check, so a KK
-// peer's cache, which only that peer's own preambles can fill, needs to cover
-// only three windows: 4096 salts in 30 minutes. XK callers share one.
+// Replay caches remember the salts of accepted preambles, so that an exact
+// replay is dropped before any DH (WIRE.md §3.3).
+//
+// A KK peer's salts are kept apart from every other peer's, so that no
+// member can flush them, and each is kept for as long as its hint window is
+// accepted (after that the replay fails the hint check anyway). A peer whose
+// cache is full of salts still in force has its new preambles refused: a peer
+// can only hurt itself, at 8192 handshakes within 30 minutes (4.5 a second).
+// XK callers, unauthenticated, share one cache of the last 65536 salts;
+// an older XK replay costs one DH and still yields no session (§6.2).
+//
+// Salts do not survive a restart: for the 10 to 20 minutes of hint windows
+// after one, a recorded KK preamble can be replayed once more, at the cost
+// of its handshake's DH; its handshake turn is taken by the peer's next
+// connection (admission.go).
 const (
 	replayCacheSize     = 1 << 16
-	peerReplayCacheSize = 1 << 12
+	peerReplayCacheSize = 1 << 13
 )
 
-// replayCache remembers recent preamble salts, evicting the oldest. It grows
-// to its size as salts arrive.
+var errReplayCacheFull = errors.New("noisetor: this peer has made more handshakes in the last three preamble windows than its replay cache holds")
+
+// replayCache remembers recent preamble salts in arrival order. It grows to
+// its size as salts arrive.
 type replayCache struct {
-	mu    sync.Mutex
-	max   int
-	seen  map[[preambleSalt]byte]struct{}
-	order [][preambleSalt]byte // ring
-	next  int
+	mu       sync.Mutex
+	max      int
+	windowed bool // KK: entries expire with their window; full means refuse
+	seen     map[[preambleSalt]byte]struct{}
+	queue    []saltEntry // oldest first, from head
+	head     int
 }
 
-func newReplayCache(size int) *replayCache {
-	return &replayCache{max: size, seen: make(map[[preambleSalt]byte]struct{})}
+type saltEntry struct {
+	salt   [preambleSalt]byte
+	window uint64
 }
 
-// add reports whether salt is new, and remembers it.
-func (r *replayCache) add(salt [preambleSalt]byte) bool {
+func newReplayCache(size int, windowed bool) *replayCache {
+	return &replayCache{max: size, windowed: windowed, seen: make(map[[preambleSalt]byte]struct{})}
+}
+
+// add remembers salt, sent in window w, if it is new. It fails with
+// ErrReplay for a salt seen before and errReplayCacheFull for a full KK
+// cache. now is the current window (KK only).
+func (r *replayCache) add(salt [preambleSalt]byte, w, now uint64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if _, ok := r.seen[salt]; ok {
-		return false
+		return fmt.Errorf("%w: preamble salt seen before", ErrReplay)
 	}
-	if len(r.order) < r.max {
-		r.order = append(r.order, salt)
-	} else {
-		delete(r.seen, r.order[r.next])
-		r.order[r.next] = salt
-		r.next = (r.next + 1) % len(r.order)
+	for r.windowed && r.head < len(r.queue) && r.queue[r.head].window+1 < now {
+		r.pop() // its window is no longer accepted
 	}
+	if len(r.queue)-r.head >= r.max {
+		if r.windowed {
+			return errReplayCacheFull
+		}
+		r.pop()
+	}
+	r.queue = append(r.queue, saltEntry{salt, w})
 	r.seen[salt] = struct{}{}
-	return true
+	return nil
+}
+
+func (r *replayCache) pop() {
+	delete(r.seen, r.queue[r.head].salt)
+	r.head++
+	if r.head > len(r.queue)/2 {
+		r.queue = append(r.queue[:0], r.queue[r.head:]...)
+		r.head = 0
+	}
 }

@@ -100,7 +100,7 @@ func TestPreambleSpec(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, skew := range []time.Duration{0, -preambleWindow, preambleWindow, 2 * preambleWindow, -2 * preambleWindow} {
-		p, secrets, err := respCfg.keys().findKK(ring, parsed, kk, time.Unix(vectorTime, 0).Add(skew))
+		p, secrets, _, err := respCfg.keys().findKK(ring, parsed, kk, time.Unix(vectorTime, 0).Add(skew))
 		want := skew.Abs() <= preambleWindow
 		if err != nil || (secrets != nil) != want || (want && p.Name != "initiator") {
 			t.Errorf("responder clock %v off: found %q %v (%v), want found=%v", skew, p.Name, secrets != nil, err, want)

@@ -1172,7 +1172,7 @@ func TestRelayMaliciousServer(t *testing.T) {
 			pre, _ := parsePreamble(raw)
 			var r result
 			sync := n.peers["sync"].cfg
-			if _, s, _ := sync.keys().findKK(sync.Keyring, pre, raw, time.Now()); s == nil {
+			if _, s, _, _ := sync.keys().findKK(sync.Keyring, pre, raw, time.Now()); s == nil {
 				r.gateErr = ErrUnknownPeer
 			}
 			// Pushing on regardless: answer message 1 with our own key.
