@@ -429,8 +429,9 @@ func TestRelayOfflinePeer(t *testing.T) {
 		t.Fatalf("REGISTER reply %q, %v", line, err)
 	}
 	check("mute", "no-answer", 2*time.Second)
-	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "INCOMING ") || !validRelayToken(line[9:]) {
-		t.Errorf("mute got %q, %v; want INCOMING <token>", line, err)
+	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "INCOMING ") ||
+		!validRelayToken(line[9:9+2*relayTokenLen]) || line[9+2*relayTokenLen:] != " "+n.peers["wallet"].key.PublicKey().String() {
+		t.Errorf("mute got %q, %v; want INCOMING <token> <wallet's key>", line, err)
 	}
 	mustContain(t, n.peers["sync"].logs.String(), "op=connect from=wallet to=mute outcome=no-answer")
 
@@ -518,8 +519,9 @@ func TestRelayProtocolByHand(t *testing.T) {
 	}()
 	line, err := readRelayLine(ctrl)
 	token, ok := strings.CutPrefix(line, "INCOMING ")
-	if err != nil || !ok {
-		t.Fatalf("control line %q, %v", line, err)
+	token, requester, ok2 := strings.Cut(token, " ")
+	if err != nil || !ok || !ok2 || requester != n.peers["wallet"].key.PublicKey().String() {
+		t.Fatalf("control line %q, %v; want INCOMING <token> <wallet's key>", line, err)
 	}
 	// A token is good only for the peer it was sent to.
 	thief := n.relayRaw(t, "other")
@@ -878,8 +880,14 @@ func (e *evilRelay) handle(c *Conn) {
 }
 
 // incoming has the registered peer name open a stream, as an honest sync
-// server does, and returns it.
+// server does, announcing it as from the wallet, and returns it.
 func (e *evilRelay) incoming(name string) *Conn {
+	w, _ := e.cfg.Keyring.ByName("wallet")
+	return e.incomingFrom(name, w.PublicKey)
+}
+
+// incomingFrom is incoming announcing the request as from requester.
+func (e *evilRelay) incomingFrom(name string, requester PublicKey) *Conn {
 	token := make([]byte, 16)
 	rand.Read(token)
 	tok := hex.EncodeToString(token)
@@ -892,7 +900,7 @@ func (e *evilRelay) incoming(name string) *Conn {
 		e.t.Errorf("evil relay: %s is not registered", name)
 		return nil
 	}
-	io.WriteString(ctrl, "INCOMING "+tok+"\n")
+	io.WriteString(ctrl, "INCOMING "+tok+" "+requester.String()+"\n")
 	select {
 	case c := <-ch:
 		io.WriteString(c, "OK\n")

@@ -1,0 +1,425 @@
+package noisetor
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Availability of the relay under attack (issue 10): members reach each
+// other through the sync server over links as slow as Tor circuits while a
+// member, or the sync server itself, does its worst.
+
+// relayTorDelay is the one-way latency of the members' links in these tests:
+// that of a Tor circuit.
+const relayTorDelay = 200 * time.Millisecond
+
+// relayDelayProxy forwards TCP connections on 127.0.0.1 to target, holding
+// every chunk back by oneWay in each direction (order kept, a half-close
+// passed on after the data before it), as a Tor circuit does.
+func relayDelayProxy(t *testing.T, target string, oneWay time.Duration) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	keep := func(c net.Conn) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if conns == nil {
+			c.Close()
+			return false
+		}
+		conns = append(conns, c)
+		return true
+	}
+	conns = []net.Conn{}
+	pipe := func(dst, src net.Conn) {
+		defer wg.Done()
+		type chunk struct {
+			due time.Time
+			b   []byte
+		}
+		ch := make(chan chunk, 4096)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(ch)
+			for {
+				b := make([]byte, 32<<10)
+				n, err := src.Read(b)
+				if n > 0 {
+					ch <- chunk{time.Now().Add(oneWay), b[:n]}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+		for c := range ch {
+			time.Sleep(time.Until(c.due))
+			if _, err := dst.Write(c.b); err != nil {
+				src.Close()
+				dst.Close()
+				for range ch {
+				}
+				return
+			}
+		}
+		dst.(*net.TCPConn).CloseWrite()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			if !keep(c) || !keep(up) {
+				c.Close()
+				up.Close()
+				return
+			}
+			wg.Add(2)
+			go pipe(up, c)
+			go pipe(c, up)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = nil
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
+}
+
+// relaySlowClient is a RelayClient for name whose link to the sync server
+// has Tor-like latency.
+func (n *relayTestNet) relaySlowClient(t *testing.T, name string) *RelayClient {
+	rc := n.client(name)
+	rc.Address = relayDelayProxy(t, n.addr, relayTorDelay)
+	return rc
+}
+
+// relayForgedPreamble is what anyone holding public keys can build under
+// wire version 1: a KK preamble for responder that claims to come from
+// claimed. (With a preamble keyed by a per-pair secret nobody but claimed
+// can; this helper then builds the best forgery left, a random tag.)
+func relayForgedPreamble(responder, claimed PublicKey) []byte {
+	pre := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly}
+	rand.Read(pre.salt[:])
+	pre.tag = pre.computeTag(responder, claimed)
+	return pre.marshal()
+}
+
+// relayMembersGetIn has name dial peer through its slow link attempts
+// times while an attack runs, echoing a message each time, and fails the
+// test for every attempt that does not get through.
+func relayMembersGetIn(t *testing.T, rc *RelayClient, peer string, attempts int) {
+	t.Helper()
+	for i := range attempts {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		start := time.Now()
+		c, err := rc.Dial(ctx, peer)
+		if err == nil {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			msg := fmt.Sprintf("attempt %d", i)
+			var got []byte
+			if _, err = io.WriteString(c, msg); err == nil {
+				got = make([]byte, len(msg))
+				_, err = io.ReadFull(c, got)
+			}
+			if err == nil && string(got) != msg {
+				err = fmt.Errorf("echo %q, want %q", got, msg)
+			}
+			c.Close()
+		}
+		cancel()
+		if err != nil {
+			t.Errorf("member attempt %d of %d failed after %v: %v", i+1, attempts, time.Since(start).Round(time.Millisecond), err)
+		} else {
+			t.Logf("member attempt %d: in after %v", i+1, time.Since(start).Round(time.Millisecond))
+		}
+	}
+}
+
+// A member opens outer connections to the sync server and never says what
+// they are for. It keeps only its own small share of them, each for a short
+// time, while the other members keep getting in.
+func TestRelayIdleConnectionsPerPeer(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "*", To: "tower"}}}, "wallet", "tower", "mallory")
+	tl, err := n.relaySlowClient(t, "tower").Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayServeAll(t, tl, relayEcho)
+
+	const flood = 200
+	type result struct {
+		busy     bool          // refused at once with "ERR busy"
+		heldFor  time.Duration // how long the server kept it otherwise
+		lastLine string
+	}
+	results := make(chan result, flood)
+	var attackers sync.WaitGroup
+	stop := make(chan struct{})
+	var opened atomic.Int32
+	for range 8 {
+		attackers.Add(1)
+		go func() {
+			defer attackers.Done()
+			d := &Dialer{Config: n.peers["mallory"].cfg, Peer: "sync"}
+			for opened.Add(1) <= flood {
+				c, err := d.DialContext(context.Background(), "tcp", n.addr)
+				if err != nil {
+					t.Errorf("mallory's handshake: %v", err)
+					return
+				}
+				attackers.Add(1)
+				go func() {
+					defer attackers.Done()
+					defer c.Close()
+					start := time.Now()
+					c.SetReadDeadline(start.Add(25 * time.Second))
+					line, err := readRelayLine(c)
+					r := result{lastLine: line}
+					if err == nil && strings.HasPrefix(line, "ERR busy ") {
+						r.busy = true
+					} else {
+						readUntilClosed(c, start.Add(25*time.Second))
+						r.heldFor = time.Since(start)
+					}
+					select {
+					case results <- r:
+					case <-stop:
+					}
+				}()
+			}
+		}()
+	}
+	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 4)
+
+	busy, held := 0, []time.Duration{}
+	deadline := time.After(30 * time.Second)
+	for range flood {
+		select {
+		case r := <-results:
+			if r.busy {
+				busy++
+				mustContain(t, r.lastLine, "mallory has 16 connections without a request already")
+			} else {
+				held = append(held, r.heldFor)
+			}
+		case <-deadline:
+			t.Fatalf("mallory's connections still open after 30s: %d refused, %d ended", busy, len(held))
+		}
+	}
+	close(stop)
+	attackers.Wait()
+	t.Logf("mallory's %d idle connections: %d refused at once (busy), %d held for %v", flood, busy, len(held), held)
+	if busy < flood-defaultRelayMaxIdlePerPeer {
+		t.Errorf("the sync server refused only %d of mallory's %d idle connections: it held more than its share of %d", busy, flood, defaultRelayMaxIdlePerPeer)
+	}
+	if longest := slices.Max(append(held, 0)); longest > defaultRelayRequestTimeout+5*time.Second {
+		t.Errorf("the sync server held an idle connection for %v", longest)
+	}
+	mustContain(t, n.peers["sync"].logs.String(), "op=request from=mallory outcome=busy")
+}
+
+// A wallet that the sync server lets through but the watchtower does not
+// list floods the watchtower with relayed sessions, each carrying a
+// preamble forged from public keys in the name of a wallet the watchtower
+// does list, then stalls. On wire version 1 each such session held a DH
+// slot of the watchtower's relay listener for the whole handshake timeout,
+// and eight locked every wallet out. The watchtower now ignores requests
+// the sync server announces as from a peer it does not list, before
+// opening any connection.
+func TestRelayUnlistedWalletFlood(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{
+		rules: RelayRules{{From: "*", To: "tower"}},
+		tweak: func(s *RelayServer) { s.MaxSessionsPerPeer = 200 },
+	}, "wallet", "tower", "mallory")
+	// The watchtower lists the sync server and the wallet, not mallory.
+	towerRing, err := NewKeyring(
+		Peer{Name: "sync", PublicKey: n.peers["sync"].key.PublicKey()},
+		Peer{Name: "wallet", PublicKey: n.peers["wallet"].key.PublicKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.peers["tower"].cfg.Keyring = towerRing
+	tower := n.relaySlowClient(t, "tower")
+	tl, err := tower.Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayServeAll(t, tl, relayEcho)
+
+	towerKey := n.peers["tower"].key.PublicKey()
+	stop := make(chan struct{})
+	var attackers sync.WaitGroup
+	var relayed, refused atomic.Int32
+	for range 48 {
+		attackers.Add(1)
+		go func() {
+			defer attackers.Done()
+			d := &Dialer{Config: n.peers["mallory"].cfg, Peer: "sync"}
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				c, err := d.DialContext(ctx, "tcp", n.addr)
+				cancel()
+				if err != nil {
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				oc := c.(*Conn)
+				oc.SetDeadline(time.Now().Add(10 * time.Second))
+				writeRelayLine(oc, "CONNECT "+towerKey.String())
+				line, err := readRelayLine(oc)
+				if err == nil && line == "OK" {
+					relayed.Add(1)
+					oc.SetDeadline(time.Time{})
+					oc.Write(relayForgedPreamble(towerKey, n.peers["wallet"].key.PublicKey()))
+					select { // stall, as long as the test runs
+					case <-stop:
+					case <-time.After(60 * time.Second):
+					}
+				} else {
+					refused.Add(1)
+				}
+				oc.Close()
+			}
+		}()
+	}
+	time.Sleep(time.Second) // let the flood build up
+	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 5)
+	close(stop)
+	attackers.Wait()
+	t.Logf("mallory's sessions: %d relayed, %d refused", relayed.Load(), refused.Load())
+	if relayed.Load() != 0 {
+		t.Errorf("the watchtower accepted %d relayed sessions from a wallet it does not list", relayed.Load())
+	}
+	tl.Close()
+	logs := n.peers["tower"].logs.String()
+	if f := strings.Count(logs, "direction=in addr=relay:sync"); f != 5 {
+		t.Errorf("the watchtower ran %d end-to-end handshakes, want the wallet's 5:\n%s", f, logs)
+	}
+	mustContain(t, logs, `msg="noisetor: relay refusals" op=accept server=sync outcome=refused`, "reasons.requester_not_in_keyring=")
+	if r := strings.Count(logs, "requester_not_in_keyring"); r > 2 {
+		t.Errorf("%d log records for ignored requests, want one aggregate", r)
+	}
+}
+
+// A malicious sync server floods the watchtower with INCOMING lines,
+// announcing them as from a listed wallet, from peers the watchtower does
+// not know and from itself, and never answers the accept connections. The
+// watchtower opens at most its bounded share of connections, per announced
+// requester and in all, and logs aggregates, not a record per line.
+func TestRelayIncomingFlood(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	var n *evilNet
+	n = newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) { w.Close() }, relayEcho)
+	e := n.evil
+	// Count the watchtower's accept connections the evil relay holds.
+	var maxHeld atomic.Int32
+	e.mu.Lock()
+	ctrl := e.ctrl["tower"]
+	e.mu.Unlock()
+	outsider, _ := GenerateKey(X25519, nil)
+	walletKey := n.peers["wallet"].key.PublicKey()
+	syncKey := n.peers["sync"].key.PublicKey()
+	const flood = 3000
+	relayRecords := func() int { return strings.Count(n.peers["tower"].logs.String(), `msg="noisetor: relay`) }
+	before := relayRecords()
+	e.mu.Lock()
+	base := len(e.conns)
+	e.mu.Unlock()
+	go func() {
+		for i := range flood {
+			token := make([]byte, 16)
+			rand.Read(token)
+			key := walletKey
+			switch i % 3 {
+			case 1:
+				key = outsider.PublicKey()
+			case 2:
+				key = syncKey
+			}
+			if _, err := fmt.Fprintf(ctrl, "INCOMING %x %s\n", token, key); err != nil {
+				return
+			}
+		}
+	}()
+	// The evil relay's handler keeps unknown ACCEPTs open without an answer;
+	// count them through its connection list.
+	for range 40 {
+		time.Sleep(50 * time.Millisecond)
+		e.mu.Lock()
+		h := int32(len(e.conns) - base)
+		e.mu.Unlock()
+		if h > maxHeld.Load() {
+			maxHeld.Store(h)
+		}
+	}
+	tl := n.towerLn["tower"].(*relayListener)
+	relayWaitFor(t, "the watchtower to read every INCOMING", func() bool {
+		tl.refusals.mu.Lock()
+		defer tl.refusals.mu.Unlock()
+		total := 0
+		for _, c := range tl.refusals.counts {
+			total += c
+		}
+		return total == flood-int(maxHeld.Load())
+	})
+	t.Logf("accept connections the watchtower opened: %d", maxHeld.Load())
+	if m := maxHeld.Load(); m > defaultRelayMaxPendingPerPeer {
+		t.Errorf("the watchtower opened %d accept connections for one announced requester, want at most %d", m, defaultRelayMaxPendingPerPeer)
+	}
+	if m := maxHeld.Load(); m == 0 {
+		t.Error("the watchtower opened no accept connection at all")
+	}
+	e.mu.Lock()
+	registers := e.registers
+	e.mu.Unlock()
+	if registers != 2 { // tower and tower2, once each
+		t.Errorf("%d registrations: the watchtower lost its control connection", registers)
+	}
+	start := time.Now()
+	n.towerLn["tower"].Close()
+	t.Logf("closing the listener took %v", time.Since(start))
+	logs := n.peers["tower"].logs.String()
+	records := relayRecords() - before
+	t.Logf("%d log records for %d INCOMING lines", records, flood)
+	if records > 20 {
+		t.Errorf("%d log records for %d INCOMING lines: the sync server can fill the watchtower's disk", records, flood)
+	}
+	mustContain(t, logs, "reasons.requester_not_in_keyring=1000", "reasons.requester_is_sync_server=1000", "reasons.requester_share_full=")
+}
