@@ -22,8 +22,10 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -299,7 +301,7 @@ func (r RelayRules) Check(kr *Keyring) error {
 	for _, rule := range r {
 		for _, pat := range []string{rule.From, rule.To} {
 			if err := checkRelayPattern(pat); err != nil {
-				return err
+				return fmt.Errorf("noisetor: relay rule %q -> %q: %v", rule.From, rule.To, err)
 			}
 			found := false
 			for _, p := range peers {
@@ -316,14 +318,16 @@ func (r RelayRules) Check(kr *Keyring) error {
 	return nil
 }
 
+// checkRelayPattern reports a malformed pattern, without quoting it (the
+// caller adds context).
 func checkRelayPattern(pat string) error {
 	if pat == "" || len(pat) > maxNameLen {
-		return fmt.Errorf("noisetor: relay rule pattern must be 1 to %d characters", maxNameLen)
+		return fmt.Errorf("a pattern must be 1 to %d characters", maxNameLen)
 	}
 	for i := 0; i < len(pat); i++ {
 		c := pat[i]
 		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-' || c == '*' || c == '?') {
-			return fmt.Errorf("noisetor: relay rule pattern %q: use peer-name characters (a-z, 0-9, '.', '_', '-') and the wildcards '*' and '?'", pat)
+			return errors.New("use peer-name characters (a-z, 0-9, '.', '_', '-') and the wildcards '*' and '?'")
 		}
 	}
 	return nil
@@ -1478,8 +1482,16 @@ type RelayConfig struct {
 	AcceptTimeout time.Duration
 	PingInterval  time.Duration
 	MaxSessions   int
-	// MaxSessionsPerPeer sets RelayServer.MaxSessionsPerPeer.
+	// MaxSessionsPerPeer, MaxIdlePerPeer and RequestTimeout set the
+	// RelayServer fields of the same names.
 	MaxSessionsPerPeer int
+	MaxIdlePerPeer     int
+	RequestTimeout     time.Duration
+
+	// Where each directive was read, for errors that must not quote a value
+	// (it could be a secret pasted into the wrong file).
+	source               string
+	keyLine, keyringLine int
 }
 
 // LoadRelayConfig reads a relay configuration file (see ParseRelayConfig).
@@ -1525,10 +1537,14 @@ func LoadRelayConfig(path string) (*RelayConfig, error) {
 //	ping-interval 30s             # optional
 //	max-sessions 1024             # optional
 //	max-sessions-per-peer 64      # optional
+//	max-idle-per-peer 16          # optional
+//	request-timeout 10s           # optional
 //
 // Every directive but allow appears at most once. Parsing is strict: an
 // unknown directive, a missing required one, or a malformed value is an
-// error naming the line. Paths may not contain spaces.
+// error naming the line. Errors never quote a rejected value or an unknown
+// directive: it could be a secret pasted into the wrong file. Paths may not
+// contain spaces.
 func ParseRelayConfig(r io.Reader) (*RelayConfig, error) {
 	return parseRelayConfig("", r)
 }
@@ -1569,53 +1585,50 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 		if dir == "allow" {
 			want = 2
 		}
-		switch dir {
-		case "listen", "key", "keyring", "allow", "accept-timeout", "ping-interval", "max-sessions", "max-sessions-per-peer":
-		default:
-			return nil, lineErr(n, "unknown directive %q (want listen, key, keyring, allow, accept-timeout, ping-interval, max-sessions or max-sessions-per-peer)", relayErrText(dir))
+		if !slices.Contains(relayDirectives, dir) {
+			// Not quoted: a line of a pasted key or PIN lands here.
+			hint := ""
+			if near := relayNearestDirective(dir); near != "" {
+				hint = "; did you mean " + near + "?"
+			}
+			return nil, lineErr(n, "unknown directive (its %d-character first word is not shown, in case it is a secret%s; want one of %s)",
+				len(dir), hint, strings.Join(relayDirectives, ", "))
 		}
 		if len(args) != want {
 			return nil, lineErr(n, "%s takes %d value(s), got %d", dir, want, len(args))
 		}
-		var err error
 		switch dir {
 		case "listen":
-			if _, _, err = net.SplitHostPort(args[0]); err != nil {
-				return nil, lineErr(n, "listen: %v", err)
+			_, port, err := net.SplitHostPort(args[0])
+			if p, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || (p == 0 && port != "0") {
+				// The value is not quoted: it could be a pasted secret.
+				return nil, lineErr(n, "listen: want host:port, such as 127.0.0.1:7400")
 			}
 			c.Listen = args[0]
 		case "key":
-			c.KeyFile = args[0]
+			c.KeyFile, c.keyLine = args[0], n
 		case "keyring":
-			c.KeyringFile = args[0]
+			c.KeyringFile, c.keyringLine = args[0], n
 		case "allow":
 			rule := RelayRule{From: args[0], To: args[1]}
-			for _, pat := range args {
+			for i, pat := range args {
 				if err := checkRelayPattern(pat); err != nil {
-					return nil, lineErr(n, "allow: %v", err)
+					return nil, lineErr(n, "allow: the %s pattern is not valid: %v", [2]string{"first", "second"}[i], err)
 				}
 			}
 			c.Rules = append(c.Rules, rule)
-		case "accept-timeout", "ping-interval":
+		case "accept-timeout", "ping-interval", "request-timeout":
 			d, err := time.ParseDuration(args[0])
 			if err != nil || d <= 0 {
 				return nil, lineErr(n, "%s: want a positive duration such as 20s", dir)
 			}
-			if dir == "accept-timeout" {
-				c.AcceptTimeout = d
-			} else {
-				c.PingInterval = d
-			}
-		case "max-sessions", "max-sessions-per-peer":
+			*map[string]*time.Duration{"accept-timeout": &c.AcceptTimeout, "ping-interval": &c.PingInterval, "request-timeout": &c.RequestTimeout}[dir] = d
+		case "max-sessions", "max-sessions-per-peer", "max-idle-per-peer":
 			v, err := strconv.Atoi(args[0])
 			if err != nil || v <= 0 {
 				return nil, lineErr(n, "%s: want a positive integer", dir)
 			}
-			if dir == "max-sessions" {
-				c.MaxSessions = v
-			} else {
-				c.MaxSessionsPerPeer = v
-			}
+			*map[string]*int{"max-sessions": &c.MaxSessions, "max-sessions-per-peer": &c.MaxSessionsPerPeer, "max-idle-per-peer": &c.MaxIdlePerPeer}[dir] = v
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -1629,7 +1642,64 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 	if len(c.Rules) == 0 {
 		return nil, fmt.Errorf("noisetor: relay config %s: no allow rules: every request would be denied", name)
 	}
+	c.source = name
 	return c, nil
+}
+
+// relayDirectives are the directives of a relay configuration file.
+var relayDirectives = []string{"listen", "key", "keyring", "allow", "accept-timeout", "ping-interval",
+	"max-sessions", "max-sessions-per-peer", "max-idle-per-peer", "request-timeout"}
+
+// relayNearestDirective returns the directive within two edits of word, if
+// exactly one is: a typo's likely fix, which tells nothing about a secret.
+func relayNearestDirective(word string) string {
+	found := ""
+	for _, d := range relayDirectives {
+		if editDistanceAtMost2(word, d) {
+			if found != "" {
+				return ""
+			}
+			found = d
+		}
+	}
+	return found
+}
+
+// editDistanceAtMost2 reports whether a and b are at most two insertions,
+// deletions or substitutions apart.
+func editDistanceAtMost2(a, b string) bool {
+	if len(a) > len(b)+2 || len(b) > len(a)+2 || len(a) > 64 {
+		return false
+	}
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)] <= 2
+}
+
+// fileErr explains that the file named on line of the configuration could
+// not be loaded. A name that exists is a real file name and is quoted by
+// err; one that does not may be a secret pasted into the wrong place, so it
+// is not.
+func (c *RelayConfig) fileErr(what, path string, line int, err error) error {
+	if _, serr := os.Lstat(path); serr == nil || line == 0 {
+		return err
+	}
+	return fmt.Errorf("noisetor: relay config %s:%d: the %s it names does not exist (the name is not shown, in case it is a secret): %w",
+		c.source, line, what, fs.ErrNotExist)
 }
 
 // NewServer loads the keyring (and, if key is nil, the key file) the
@@ -1645,13 +1715,19 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 		}
 		k, err := LoadPrivateKey(c.KeyFile)
 		if err != nil {
-			return nil, err
+			return nil, c.fileErr("key file", c.KeyFile, c.keyLine, err)
 		}
 		key = k
 	}
 	kr, err := LoadKeyring(c.KeyringFile)
 	if err != nil {
-		return nil, err
+		return nil, c.fileErr("keyring file", c.KeyringFile, c.keyringLine, err)
+	}
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if warning := relayListenWarning(c.Listen); warning != "" {
+		logger.Warn("noisetor: relay config: "+warning, slog.String("config", c.source), slog.String("listen", c.Listen))
 	}
 	if err := c.Rules.Check(kr); err != nil {
 		return nil, err
@@ -1663,5 +1739,31 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 		PingInterval:       c.PingInterval,
 		MaxSessions:        c.MaxSessions,
 		MaxSessionsPerPeer: c.MaxSessionsPerPeer,
+		MaxIdlePerPeer:     c.MaxIdlePerPeer,
+		RequestTimeout:     c.RequestTimeout,
 	}, nil
+}
+
+// relayListenWarning says why a listen address deserves a warning, if it
+// does: one that other hosts can reach. Behind an onion service the
+// address should be loopback, or anyone on the network bypasses Tor (and
+// its client authorization) to reach the sync server.
+func relayListenWarning(listen string) string {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return ""
+	}
+	if host == "localhost" {
+		return ""
+	}
+	ip, err := netip.ParseAddr(host)
+	switch {
+	case host == "" || err == nil && ip.IsUnspecified():
+		return "listen " + listen + " accepts connections on every network interface: other hosts can reach the sync server; use 127.0.0.1:<port> behind an onion service"
+	case err != nil:
+		return "listen " + listen + " names a host, which may resolve to an address other hosts can reach; use 127.0.0.1:<port> behind an onion service"
+	case !ip.IsLoopback():
+		return "listen " + listen + " is not a loopback address: other hosts can reach the sync server; use 127.0.0.1:<port> behind an onion service"
+	}
+	return ""
 }

@@ -1430,8 +1430,13 @@ func TestRelayConfigErrors(t *testing.T) {
 		{"listen 127.0.0.1:1\nkey k\nallow a b\n", `missing required directive "keyring"`},
 		{base + "allow a\n", "<input>:4: allow takes 2 value(s), got 1"},
 		{base + "allow a b\nlisten 127.0.0.1:1\n", "<input>:5: listen given twice (first on line 1)"},
-		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive "frobnicate"`},
-		{base + "allow A b\n", "<input>:4: allow: noisetor: relay rule pattern \"A\""},
+		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive (its 10-character first word is not shown, in case it is a secret; want one of listen, key,`},
+		{base + "allow a b\nalow c d\n", `<input>:5: unknown directive (its 4-character first word is not shown, in case it is a secret; did you mean allow?; want`},
+		{base + "allow a b\nmax-sessions-per-per 3\n", `did you mean max-sessions-per-peer?`},
+		{base + "allow A b\n", "<input>:4: allow: the first pattern is not valid: use peer-name characters"},
+		{base + "allow a b\nmax-idle-per-peer x\n", "<input>:5: max-idle-per-peer: want a positive integer"},
+		{base + "allow a b\nrequest-timeout 0s\n", "<input>:5: request-timeout: want a positive duration"},
+		{"listen 127.0.0.1:http\n", "<input>:1: listen: want host:port, such as 127.0.0.1:7400"},
 		{base + "allow a b\naccept-timeout soon\n", "<input>:5: accept-timeout: want a positive duration"},
 		{base + "allow a b\nping-interval -1s\n", "<input>:5: ping-interval: want a positive duration"},
 		{base + "allow a b\nmax-sessions 0\n", "<input>:5: max-sessions: want a positive integer"},
@@ -1568,8 +1573,8 @@ func TestRelaySessionsPerPeer(t *testing.T) {
 	}
 	_, err := n.client("wallet").Dial(relayCtx(t), "tower")
 	var re *RelayError
-	if !errors.As(err, &re) || re.Code != "busy" {
-		t.Fatalf("third session of one wallet: %v, want a busy RelayError", err)
+	if !errors.As(err, &re) || re.Code != "busy" || !errors.Is(err, ErrRelayBusy) {
+		t.Fatalf("third session of one wallet: %v, want a busy RelayError matching ErrRelayBusy", err)
 	}
 	mustContain(t, err.Error(), "wallet has 2 sessions already")
 	// Another wallet still gets through.
