@@ -282,51 +282,10 @@ func TestRelayUnlistedWalletFlood(t *testing.T) {
 	}
 	relayServeAll(t, tl, relayEcho)
 
-	towerKey := n.peers["tower"].key.PublicKey()
-	stop := make(chan struct{})
-	var attackers sync.WaitGroup
-	var relayed, refused atomic.Int32
-	for range 48 {
-		attackers.Add(1)
-		go func() {
-			defer attackers.Done()
-			d := &Dialer{Config: n.peers["mallory"].cfg, Peer: "sync"}
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				c, err := d.DialContext(ctx, "tcp", n.addr)
-				cancel()
-				if err != nil {
-					time.Sleep(50 * time.Millisecond)
-					continue
-				}
-				oc := c.(*Conn)
-				oc.SetDeadline(time.Now().Add(10 * time.Second))
-				writeRelayLine(oc, "CONNECT "+towerKey.String())
-				line, err := readRelayLine(oc)
-				if err == nil && line == "OK" {
-					relayed.Add(1)
-					oc.SetDeadline(time.Time{})
-					oc.Write(relayForgedPreamble(towerKey, n.peers["wallet"].key.PublicKey()))
-					select { // stall, as long as the test runs
-					case <-stop:
-					case <-time.After(60 * time.Second):
-					}
-				} else {
-					refused.Add(1)
-				}
-				oc.Close()
-			}
-		}()
-	}
+	relayed, refused, stop := relayFloodForged(n, "mallory", "tower", "wallet", 48)
 	time.Sleep(time.Second) // let the flood build up
 	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 5)
-	close(stop)
-	attackers.Wait()
+	stop()
 	t.Logf("mallory's sessions: %d relayed, %d refused", relayed.Load(), refused.Load())
 	if relayed.Load() != 0 {
 		t.Errorf("the watchtower accepted %d relayed sessions from a wallet it does not list", relayed.Load())
@@ -603,4 +562,84 @@ func TestRelayHTTPParallelBusy(t *testing.T) {
 	if ok != 100 {
 		t.Errorf("bounded transport: %d ok, %d busy, other errors %v", ok, busy, other)
 	}
+}
+
+// relayFloodForged has attacker keep sessions open to target through the
+// sync server, from the given number of goroutines: each sends, once
+// relayed, a preamble forged in victim's name and stalls. stop ends the
+// flood and waits for it.
+func relayFloodForged(n *relayTestNet, attacker, target, victim string, parallel int) (relayed, refused *atomic.Int32, stop func()) {
+	relayed, refused = new(atomic.Int32), new(atomic.Int32)
+	targetKey := n.peers[target].key.PublicKey()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for range parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d := &Dialer{Config: n.peers[attacker].cfg, Peer: "sync"}
+			for {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				c, err := d.DialContext(ctx, "tcp", n.addr)
+				cancel()
+				if err != nil {
+					time.Sleep(50 * time.Millisecond)
+					continue
+				}
+				oc := c.(*Conn)
+				oc.SetDeadline(time.Now().Add(10 * time.Second))
+				writeRelayLine(oc, "CONNECT "+targetKey.String())
+				line, err := readRelayLine(oc)
+				if err == nil && line == "OK" {
+					relayed.Add(1)
+					oc.SetDeadline(time.Time{})
+					oc.Write(relayForgedPreamble(targetKey, n.peers[victim].key.PublicKey()))
+					select { // stall, as long as the test runs
+					case <-done:
+					case <-time.After(60 * time.Second):
+					}
+				} else {
+					refused.Add(1)
+				}
+				oc.Close()
+			}
+		}()
+	}
+	return relayed, refused, func() { close(done); wg.Wait() }
+}
+
+// A wallet that the watchtower does list floods it the same way. It gets
+// only its own share of the watchtower's relayed connections being set up
+// (MaxPendingPerPeer, small here), so it cannot take what the other
+// wallets need, whatever each of its sessions costs the watchtower.
+func TestRelayListedWalletShare(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{
+		rules: RelayRules{{From: "*", To: "tower"}},
+		tweak: func(s *RelayServer) { s.MaxSessionsPerPeer = 200 },
+	}, "wallet", "tower", "mallory")
+	tower := n.relaySlowClient(t, "tower")
+	tower.MaxPendingPerPeer = 3
+	tl, err := tower.Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayServeAll(t, tl, relayEcho)
+	relayed, refused, stop := relayFloodForged(n, "mallory", "tower", "wallet", 48)
+	time.Sleep(time.Second)
+	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 5)
+	stop()
+	t.Logf("mallory's sessions: %d relayed, %d refused", relayed.Load(), refused.Load())
+	// Each relayed session of mallory's holds its slot until its handshake
+	// times out, far longer than this test.
+	if r := relayed.Load(); r > 3 {
+		t.Errorf("the watchtower took %d of mallory's sessions at once, want at most its share of 3", r)
+	}
+	tl.Close()
+	mustContain(t, n.peers["tower"].logs.String(), "reasons.requester_share_full=")
 }
