@@ -643,3 +643,55 @@ func TestRelayListedWalletShare(t *testing.T) {
 	tl.Close()
 	mustContain(t, n.peers["tower"].logs.String(), "reasons.requester_share_full=")
 }
+
+// The limits leave honest bursts alone: a wallet on a slow link opens 60
+// sessions at once (within the sync server's 64 per peer) and every one gets
+// through, with the default limits at the sync server and the watchtower.
+func TestRelayHonestBurst(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}},
+		tweak: func(s *RelayServer) { s.AcceptTimeout = 20 * time.Second }}, "wallet", "tower")
+	tl, err := n.relaySlowClient(t, "tower").Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayServeAll(t, tl, relayEcho)
+	wallet := n.relaySlowClient(t, "wallet")
+	const burst = 60
+	var wg sync.WaitGroup
+	errs := make(chan error, burst)
+	conns := make(chan net.Conn, burst)
+	start := time.Now()
+	for i := range burst {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+			defer cancel()
+			c, err := wallet.Dial(ctx, "tower")
+			if err != nil {
+				errs <- fmt.Errorf("session %d: %w", i, err)
+				return
+			}
+			conns <- c
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			msg := fmt.Sprintf("session %d", i)
+			got := make([]byte, len(msg))
+			if _, err := io.WriteString(c, msg); err != nil {
+				errs <- err
+			} else if _, err := io.ReadFull(c, got); err != nil || string(got) != msg {
+				errs <- fmt.Errorf("session %d: echo %q, %v", i, got, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(conns)
+	t.Logf("%d sessions at once in %v", burst, time.Since(start).Round(time.Millisecond))
+	for err := range errs {
+		t.Error(err)
+	}
+	for c := range conns {
+		c.Close()
+	}
+}
