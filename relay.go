@@ -368,8 +368,10 @@ func relayMatch(pat, name string) bool {
 // then run their own noisetor handshake through the stream, so the sync
 // server learns who talks to whom, when and how much, but not what.
 //
-// Every relay decision is logged to Config.Logger: operation, from, to,
-// outcome and reason, by keyring name (never key material).
+// Every relay decision about an authenticated peer is logged to
+// Config.Logger, one record each: operation, from, to, outcome and reason,
+// by keyring name (never key material). Refusals of connections nobody
+// authenticated are logged as a periodic aggregate, counts by reason.
 type RelayServer struct {
 	// Config is the sync server's noisetor configuration: its static key,
 	// and a keyring listing every wallet and watchtower it serves. Required.
@@ -1327,8 +1329,7 @@ func (l *relayListener) dialBack(token string, requester PublicKey) {
 		return
 	}
 	if reason := l.gate.enter(requester); reason != "" {
-		l.refusals.add(reason, fmt.Sprintf("ignored a request from %s: %s relayed connections being set up, %s",
-			from.Name, strings.ReplaceAll(reason, "_", " "), l.gate.limits()))
+		l.refusals.add(reason, fmt.Sprintf("ignored a request from %s: %s", from.Name, l.gate.explain(reason)))
 		return
 	}
 	release := l.gate.leaver(requester)
@@ -1591,8 +1592,8 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 			if near := relayNearestDirective(dir); near != "" {
 				hint = "; did you mean " + near + "?"
 			}
-			return nil, lineErr(n, "unknown directive (its %d-character first word is not shown, in case it is a secret%s; want one of %s)",
-				len(dir), hint, strings.Join(relayDirectives, ", "))
+			return nil, lineErr(n, "unknown directive (the line's first word, not shown in case it is a secret%s; want one of %s)",
+				hint, strings.Join(relayDirectives, ", "))
 		}
 		if len(args) != want {
 			return nil, lineErr(n, "%s takes %d value(s), got %d", dir, want, len(args))
@@ -1622,13 +1623,27 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 			if err != nil || d <= 0 {
 				return nil, lineErr(n, "%s: want a positive duration such as 20s", dir)
 			}
-			*map[string]*time.Duration{"accept-timeout": &c.AcceptTimeout, "ping-interval": &c.PingInterval, "request-timeout": &c.RequestTimeout}[dir] = d
+			switch dir {
+			case "accept-timeout":
+				c.AcceptTimeout = d
+			case "ping-interval":
+				c.PingInterval = d
+			default:
+				c.RequestTimeout = d
+			}
 		case "max-sessions", "max-sessions-per-peer", "max-idle-per-peer":
 			v, err := strconv.Atoi(args[0])
 			if err != nil || v <= 0 {
 				return nil, lineErr(n, "%s: want a positive integer", dir)
 			}
-			*map[string]*int{"max-sessions": &c.MaxSessions, "max-sessions-per-peer": &c.MaxSessionsPerPeer, "max-idle-per-peer": &c.MaxIdlePerPeer}[dir] = v
+			switch dir {
+			case "max-sessions":
+				c.MaxSessions = v
+			case "max-sessions-per-peer":
+				c.MaxSessionsPerPeer = v
+			default:
+				c.MaxIdlePerPeer = v
+			}
 		}
 	}
 	if err := sc.Err(); err != nil {
@@ -1651,8 +1666,13 @@ var relayDirectives = []string{"listen", "key", "keyring", "allow", "accept-time
 	"max-sessions", "max-sessions-per-peer", "max-idle-per-peer", "request-timeout"}
 
 // relayNearestDirective returns the directive within two edits of word, if
-// exactly one is: a typo's likely fix, which tells nothing about a secret.
+// exactly one is: a typo's likely fix. Only for words of four or more
+// letters and hyphens, as directives are, so that it says next to nothing
+// about a secret (keys and PINs hold digits, or are longer).
 func relayNearestDirective(word string) string {
+	if len(word) < 4 || strings.ContainsFunc(word, func(r rune) bool { return !('a' <= r && r <= 'z' || r == '-') }) {
+		return ""
+	}
 	found := ""
 	for _, d := range relayDirectives {
 		if editDistanceAtMost2(word, d) {

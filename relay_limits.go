@@ -138,7 +138,7 @@ func (g *relayGate) enter(requester PublicKey) (refused string) {
 	case g.perPeer[requester] >= g.perPeerMax:
 		return "requester_share_full"
 	case g.total >= g.max:
-		return "all_pending_slots_full"
+		return "all_slots_full"
 	}
 	if g.perPeer == nil {
 		g.perPeer = make(map[PublicKey]int)
@@ -193,9 +193,12 @@ func (r *relayIdle) leave(peer PublicKey) {
 	}
 }
 
-// limits describes the gate's bounds, for a log record.
-func (g *relayGate) limits() string {
-	return fmt.Sprintf("at most %d per requester and %d in all", g.perPeerMax, g.max)
+// explain describes a refusal code of enter, for a log record.
+func (g *relayGate) explain(refused string) string {
+	if refused == "requester_share_full" {
+		return fmt.Sprintf("it already has %d relayed connections being set up (MaxPendingPerPeer)", g.perPeerMax)
+	}
+	return fmt.Sprintf("%d relayed connections are already being set up (MaxPending)", g.max)
 }
 
 func orDefault(v, def int) int {
