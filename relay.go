@@ -999,8 +999,11 @@ type RelayClient struct {
 	// MaxPending and MaxPendingPerPeer bound the relayed connections the
 	// listener of Listen sets up at once, in all and per requester: from the
 	// sync server's INCOMING line through the accept connection and the
-	// end-to-end handshake until Accept returns the connection. Requests
-	// past either are ignored (the requester gets "no-answer"). The
+	// end-to-end handshake until Accept returns the connection; and the
+	// listener starts at most as many setups per 4 seconds, in all and per
+	// requester (a sync server that refuses each accept at once cannot make
+	// it handshake faster). Requests past these are ignored (the requester
+	// gets "no-answer"). The
 	// requester is the peer the sync server names; a request naming a peer
 	// that is not in Config.Keyring, or the sync server itself, is ignored
 	// before any connection is opened. So a wallet that the sync server lets

@@ -34,6 +34,15 @@ const (
 	defaultRelayMaxPending        = 256
 	defaultRelayMaxPendingPerPeer = defaultRelayMaxPerPeer
 
+	// relaySetupWindow sets the rate at which a relay listener starts
+	// setting up relayed connections: at most its pending limits per window,
+	// in all and per requester, in bursts of up to those limits. Each setup
+	// costs an outer handshake (the accept connection) and an inner one, and
+	// a sync server that refuses every accept at once could otherwise make
+	// us do them as fast as it answers, taking the static key's DH capacity
+	// (a token's, maybe) from our other listeners.
+	relaySetupWindow = 4 * time.Second
+
 	// relayTallyInterval is how often aggregated refusals are logged.
 	relayTallyInterval = time.Minute
 )
@@ -127,26 +136,64 @@ type relayGate struct {
 
 	mu      sync.Mutex
 	total   int
-	perPeer map[PublicKey]int
+	rate    relayBucket
+	perPeer map[PublicKey]*relayGatePeer // only keyring peers: bounded
+}
+
+type relayGatePeer struct {
+	pending int
+	rate    relayBucket
 }
 
 // enter takes a slot for requester; on refusal it returns the reason code.
 func (g *relayGate) enter(requester PublicKey) (refused string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.perPeer == nil {
+		g.perPeer = make(map[PublicKey]*relayGatePeer)
+	}
+	p := g.perPeer[requester]
+	if p == nil {
+		p = &relayGatePeer{}
+		g.perPeer[requester] = p
+	}
+	now := time.Now()
 	switch {
-	case g.perPeer[requester] >= g.perPeerMax:
+	case p.pending >= g.perPeerMax:
 		return "requester_share_full"
 	case g.total >= g.max:
 		return "all_slots_full"
+	case !p.rate.ready(now, g.perPeerMax):
+		return "requester_rate"
+	case !g.rate.ready(now, g.max):
+		return "total_rate"
 	}
-	if g.perPeer == nil {
-		g.perPeer = make(map[PublicKey]int)
-	}
+	// Spend only once both buckets allow it, so that one requester's
+	// refused requests cost the others nothing.
+	p.rate.take()
+	g.rate.take()
 	g.total++
-	g.perPeer[requester]++
+	p.pending++
 	return ""
 }
+
+// relayBucket is a token bucket holding up to size tokens, refilled at size
+// per relaySetupWindow.
+type relayBucket struct {
+	spent float64 // tokens missing from a full bucket
+	last  time.Time
+}
+
+// ready refills the bucket to now and reports whether it holds a token.
+func (b *relayBucket) ready(now time.Time, size int) bool {
+	if !b.last.IsZero() {
+		b.spent = max(0, b.spent-float64(size)*float64(now.Sub(b.last))/float64(relaySetupWindow))
+	}
+	b.last = now
+	return b.spent+1 <= float64(size)
+}
+
+func (b *relayBucket) take() { b.spent++ }
 
 // leaver returns the function that frees requester's slot, once.
 func (g *relayGate) leaver(requester PublicKey) func() {
@@ -156,9 +203,7 @@ func (g *relayGate) leaver(requester PublicKey) func() {
 			g.mu.Lock()
 			defer g.mu.Unlock()
 			g.total--
-			if g.perPeer[requester]--; g.perPeer[requester] <= 0 {
-				delete(g.perPeer, requester)
-			}
+			g.perPeer[requester].pending--
 		})
 	}
 }
@@ -195,10 +240,15 @@ func (r *relayIdle) leave(peer PublicKey) {
 
 // explain describes a refusal code of enter, for a log record.
 func (g *relayGate) explain(refused string) string {
-	if refused == "requester_share_full" {
+	switch refused {
+	case "requester_share_full":
 		return fmt.Sprintf("it already has %d relayed connections being set up (MaxPendingPerPeer)", g.perPeerMax)
+	case "all_slots_full":
+		return fmt.Sprintf("%d relayed connections are already being set up (MaxPending)", g.max)
+	case "requester_rate":
+		return fmt.Sprintf("it started more than %d in %v (MaxPendingPerPeer per %v)", g.perPeerMax, relaySetupWindow, relaySetupWindow)
 	}
-	return fmt.Sprintf("%d relayed connections are already being set up (MaxPending)", g.max)
+	return fmt.Sprintf("more than %d were started in %v (MaxPending per %v)", g.max, relaySetupWindow, relaySetupWindow)
 }
 
 func orDefault(v, def int) int {

@@ -695,3 +695,58 @@ func TestRelayHonestBurst(t *testing.T) {
 		c.Close()
 	}
 }
+
+// A malicious sync server sends INCOMING lines as fast as the watchtower
+// reads them and refuses every accept connection at once, to make the
+// watchtower spend handshakes (static-key DH, on a token maybe) as fast as
+// it can. The watchtower starts at most its pending limits' worth of accept
+// connections per setup window, per announced requester and in all.
+func TestRelayIncomingChurn(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) { w.Close() }, relayEcho)
+	e := n.evil
+	e.refuseUnknownAccepts.Store(true)
+	e.mu.Lock()
+	ctrl := e.ctrl["tower"]
+	e.mu.Unlock()
+	keys := []PublicKey{n.peers["wallet"].key.PublicKey(), n.peers["tower2"].key.PublicKey(), n.peers["tower"].key.PublicKey()}
+	stop := make(chan struct{})
+	flooded := make(chan struct{})
+	go func() {
+		defer close(flooded)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			token := make([]byte, 16)
+			rand.Read(token)
+			if _, err := fmt.Fprintf(ctrl, "INCOMING %x %s\n", token, keys[i%len(keys)]); err != nil {
+				return
+			}
+		}
+	}()
+	const run = 3 * time.Second
+	start := time.Now()
+	time.Sleep(run)
+	close(stop)
+	// The watchtower reads on through what is buffered: stop it, then count.
+	n.towerLn["tower"].Close()
+	elapsed := time.Since(start)
+	<-flooded
+	got := int(e.acceptLines.Load())
+	// Per window: MaxPending in all, MaxPendingPerPeer for each of the three
+	// announced requesters; the bucket starts full.
+	perPeer := float64(defaultRelayMaxPendingPerPeer) * (1 + elapsed.Seconds()/relaySetupWindow.Seconds())
+	bound := int(min(float64(len(keys))*perPeer, float64(defaultRelayMaxPending)*(1+elapsed.Seconds()/relaySetupWindow.Seconds())))
+	t.Logf("accept connections in %v: %d (bound %d)", elapsed.Round(time.Millisecond), got, bound)
+	if got > bound*11/10 {
+		t.Errorf("the watchtower opened %d accept connections in %v, want at most about %d", got, elapsed, bound)
+	}
+	if got == 0 {
+		t.Error("the watchtower opened no accept connection at all")
+	}
+	logs := n.peers["tower"].logs.String()
+	mustContain(t, logs, "reasons.requester_rate=", "reasons.accept_refused=")
+}

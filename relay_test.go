@@ -772,6 +772,11 @@ type evilRelay struct {
 	announce  string // reply to REGISTER
 	onConnect func(wallet *Conn, target Peer)
 
+	// refuseUnknownAccepts answers an ACCEPT with a token it did not issue
+	// with ERR bad-token at once (else it holds the connection, silent).
+	refuseUnknownAccepts atomic.Bool
+	acceptLines          atomic.Int32 // ACCEPT lines received
+
 	mu        sync.Mutex
 	ctrl      map[string]*Conn
 	accepts   map[string]chan *Conn
@@ -870,11 +875,15 @@ func (e *evilRelay) handle(c *Conn) {
 		target, _ := e.cfg.Keyring.ByKey(key)
 		e.onConnect(c, target)
 	case strings.HasPrefix(line, "ACCEPT "):
+		e.acceptLines.Add(1)
 		e.mu.Lock()
 		ch := e.accepts[line[7:]]
 		e.mu.Unlock()
 		if ch != nil {
 			ch <- c
+		} else if e.refuseUnknownAccepts.Load() {
+			io.WriteString(c, "ERR bad-token sorry\n")
+			c.Close()
 		}
 	}
 }
