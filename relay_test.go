@@ -966,10 +966,14 @@ type evilNet struct {
 	evil     *evilRelay
 	accepted map[string]*atomic.Int32
 	towerLn  map[string]net.Listener
+	tune     func(*RelayClient) // applied to each watchtower's RelayClient
 }
 
-func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target Peer), towerHandle func(c net.Conn)) *evilNet {
+func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target Peer), towerHandle func(c net.Conn), tune ...func(*RelayClient)) *evilNet {
 	n := &evilNet{peers: newTestPeers(t, "sync", "wallet", "tower", "tower2"), accepted: map[string]*atomic.Int32{}, towerLn: map[string]net.Listener{}}
+	if len(tune) > 0 {
+		n.tune = tune[0]
+	}
 	var e *evilRelay
 	e = startEvilRelay(t, n.peers["sync"].cfg, func(w *Conn, target Peer) { onConnect(e, w, target) })
 	n.evil = e
@@ -981,6 +985,9 @@ func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target 
 
 func (n *evilNet) startTower(t *testing.T, name string, handle func(c net.Conn)) {
 	rc := &RelayClient{Config: n.peers[name].cfg, Server: "sync", Address: n.evil.addr}
+	if n.tune != nil {
+		n.tune(rc)
+	}
 	l, err := rc.Listen(relayCtx(t))
 	if err != nil {
 		t.Fatal(err)
