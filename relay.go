@@ -1150,8 +1150,10 @@ func (rc *RelayClient) DialContext(ctx context.Context, network, addr string) (n
 // only; afterwards the listener keeps the registration up, reconnecting with
 // backoff when the link to the sync server fails, until Close.
 //
-// Accept never returns a connection from the sync server itself: a relayed
-// stream is always meant to reach another peer.
+// Accept never returns a connection from the sync server itself (a relayed
+// stream is always meant to reach another peer), nor one whose peer is not
+// the requester the sync server announced. The listener's limits are
+// RelayClient.MaxPending and MaxPendingPerPeer.
 func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 	start := time.Now()
 	server, addr, err := rc.check()
