@@ -756,3 +756,33 @@ func TestRelayIncomingChurn(t *testing.T) {
 		t.Error("no request was refused for its rate")
 	}
 }
+
+// The sync server announces a wallet's request as another peer's, charging
+// it to that peer's share: the watchtower refuses the connection once the
+// inner handshake shows who is really calling.
+func TestRelayAnnouncedRequesterMismatch(t *testing.T) {
+	checkNoGoroutineLeak(t)
+	var n *evilNet
+	n = newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) {
+		tc := e.incomingFrom(target.Name, n.peers["tower2"].key.PublicKey())
+		io.WriteString(w, "OK\n")
+		evilSplice(w, tc, func(bool, int, []byte) {})
+	}, relayEcho)
+	c, err := n.wallet().Dial(relayCtx(t), "tower")
+	if err == nil {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "hello")
+		_, err = io.ReadFull(c, make([]byte, 5))
+		c.Close()
+	}
+	if err == nil {
+		t.Fatal("the wallet's session went through under another peer's name")
+	}
+	relayWaitFor(t, "the refusal", func() bool {
+		return strings.Contains(n.peers["tower"].logs.String(),
+			`op=accept server=sync peer=wallet outcome=refused reason="the sync server announced this connection as from tower2"`)
+	})
+	if a := n.accepted["tower"].Load(); a != 0 {
+		t.Errorf("the watchtower accepted %d connections", a)
+	}
+}
