@@ -633,12 +633,18 @@ func TestRelayListedWalletShare(t *testing.T) {
 	relayed, refused, stop := relayFloodForged(n, "mallory", "tower", "wallet", 48)
 	time.Sleep(time.Second)
 	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 5)
-	stop()
-	t.Logf("mallory's sessions: %d relayed, %d refused", relayed.Load(), refused.Load())
 	// Each relayed session of mallory's holds its slot until its handshake
-	// times out, far longer than this test.
-	if r := relayed.Load(); r > 3 {
+	// times out, far longer than this test: until stop, none can follow.
+	r := relayed.Load()
+	stop()
+	t.Logf("mallory's sessions: %d relayed, %d refused", r, refused.Load())
+	if r > 3 {
 		t.Errorf("the watchtower took %d of mallory's sessions at once, want at most its share of 3", r)
+		for _, line := range strings.Split(n.peers["tower"].logs.String(), "\n") {
+			if strings.Contains(line, "outcome=failed") {
+				t.Log(line)
+			}
+		}
 	}
 	tl.Close()
 	mustContain(t, n.peers["tower"].logs.String(), "reasons.requester_share_full=")
