@@ -449,6 +449,13 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 			c.refusal = "preamble did not verify"
 			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, keys.ownFingerprint)
 		}
+		if a, ok := c.conn.(interface{ announcedInitiator() PublicKey }); ok && !a.announcedInitiator().IsZero() && a.announcedInitiator() != p.PublicKey {
+			// A relayed stream whose preamble proves another key than the
+			// requester its INCOMING line named: whoever relays it (the
+			// sync server) gets the same refusal as a forger.
+			c.refusal = "preamble did not verify"
+			return fmt.Errorf("%w: the relayed preamble is not from the announced requester", ErrUnknownPeer)
+		}
 		c.state.Peer, remote, replay = p, p.PublicKey, secrets.replay
 		window, now = w, preambleWindowOf(cfg.now())
 	} else if !tagEqual(xkTag(keys.xkKey, rawPreamble[:32]), pre.tag) {

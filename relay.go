@@ -22,8 +22,10 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,15 +53,8 @@ const (
 	defaultRelayMaxSessions   = 1024
 	defaultRelayMaxPerPeer    = 64
 
-	// relayRequestTimeout bounds the wait for the first line of an outer
-	// connection; relayWriteTimeout bounds writing one control line.
-	relayRequestTimeout = 30 * time.Second
-	relayWriteTimeout   = 10 * time.Second
-
-	// relayMaxDialBacks bounds the ACCEPT connections a RelayClient listener
-	// sets up at once, so that a flood of INCOMING lines from a misbehaving
-	// sync server cannot make it open connections without limit.
-	relayMaxDialBacks = 64
+	// relayWriteTimeout bounds writing one control line.
+	relayWriteTimeout = 10 * time.Second
 
 	relayBackoffMin = 500 * time.Millisecond
 	relayBackoffMax = time.Minute
@@ -80,6 +75,10 @@ var (
 	// ErrPeerOffline: the requested peer is not registered with the sync
 	// server, or did not answer in time.
 	ErrPeerOffline = errors.New("noisetor: relay: peer is offline")
+	// ErrRelayBusy: the sync server is at one of its limits, for this peer
+	// (RelayServer.MaxSessionsPerPeer, MaxIdlePerPeer) or in all
+	// (MaxSessions). Retry later, or open fewer sessions at once.
+	ErrRelayBusy = errors.New("noisetor: relay: the sync server is busy")
 	// ErrRelayServerClosed is returned by RelayServer.Serve after Close.
 	ErrRelayServerClosed = errors.New("noisetor: relay server closed")
 	// errRelayProtocol: a control line broke the relay protocol.
@@ -88,7 +87,8 @@ var (
 
 // A RelayError is a refusal from the sync server: the "ERR <code> <text>"
 // reply of the relay protocol. It wraps ErrRelayDenied (code "denied"),
-// ErrPeerOffline ("offline", "no-answer") or ErrUnknownPeer ("unknown-peer").
+// ErrPeerOffline ("offline", "no-answer"), ErrUnknownPeer ("unknown-peer")
+// or ErrRelayBusy ("busy").
 type RelayError struct {
 	// Server is the keyring name of the sync server that refused.
 	Server string
@@ -124,6 +124,8 @@ func (e *RelayError) Unwrap() error {
 		return ErrPeerOffline
 	case relayCodeUnknownPeer:
 		return ErrUnknownPeer
+	case relayCodeBusy:
+		return ErrRelayBusy
 	}
 	return nil
 }
@@ -204,6 +206,23 @@ func (a relayAddr) String() string  { return "relay:" + string(a) }
 type relayStream struct {
 	*Conn
 	addr relayAddr
+
+	// On a relay listener: the peer the sync server said the stream is from,
+	// and the release of its relayGate slot.
+	requester Peer
+	release   func()
+}
+
+// announcedInitiator is the key the sync server said the stream is from: the
+// server handshake refuses, at the preamble and before any DH, a KK preamble
+// that proves another key (the sync server's own pair key, say).
+func (s *relayStream) announcedInitiator() PublicKey { return s.requester.PublicKey }
+
+// setupDone frees the stream's relayGate slot, if it holds one.
+func (s *relayStream) setupDone() {
+	if s.release != nil {
+		s.release()
+	}
 }
 
 func (s *relayStream) RemoteAddr() net.Addr { return s.addr }
@@ -221,6 +240,7 @@ func (s *relayStream) CloseWrite() error { return nil }
 // before it, our own close records included: the peer would see a
 // truncation instead of a clean close.
 func (s *relayStream) Close() error {
+	s.setupDone()
 	s.Conn.SetReadDeadline(time.Now().Add(relayLinger))
 	io.Copy(io.Discard, s.Conn)
 	return s.Conn.Close()
@@ -286,7 +306,7 @@ func (r RelayRules) Check(kr *Keyring) error {
 	for _, rule := range r {
 		for _, pat := range []string{rule.From, rule.To} {
 			if err := checkRelayPattern(pat); err != nil {
-				return err
+				return fmt.Errorf("noisetor: relay rule %q -> %q: %v", rule.From, rule.To, err)
 			}
 			found := false
 			for _, p := range peers {
@@ -303,14 +323,16 @@ func (r RelayRules) Check(kr *Keyring) error {
 	return nil
 }
 
+// checkRelayPattern reports a malformed pattern, without quoting it (the
+// caller adds context).
 func checkRelayPattern(pat string) error {
 	if pat == "" || len(pat) > maxNameLen {
-		return fmt.Errorf("noisetor: relay rule pattern must be 1 to %d characters", maxNameLen)
+		return fmt.Errorf("a pattern must be 1 to %d characters", maxNameLen)
 	}
 	for i := 0; i < len(pat); i++ {
 		c := pat[i]
 		if !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-' || c == '*' || c == '?') {
-			return fmt.Errorf("noisetor: relay rule pattern %q: use peer-name characters (a-z, 0-9, '.', '_', '-') and the wildcards '*' and '?'", pat)
+			return errors.New("use peer-name characters (a-z, 0-9, '.', '_', '-') and the wildcards '*' and '?'")
 		}
 	}
 	return nil
@@ -351,8 +373,10 @@ func relayMatch(pat, name string) bool {
 // then run their own noisetor handshake through the stream, so the sync
 // server learns who talks to whom, when and how much, but not what.
 //
-// Every relay decision is logged to Config.Logger: operation, from, to,
-// outcome and reason, by keyring name (never key material).
+// Every relay decision about an authenticated peer is logged to
+// Config.Logger, one record each: operation, from, to, outcome and reason,
+// by keyring name (never key material). Refusals of connections nobody
+// authenticated are logged as a periodic aggregate, counts by reason.
 type RelayServer struct {
 	// Config is the sync server's noisetor configuration: its static key,
 	// and a keyring listing every wallet and watchtower it serves. Required.
@@ -382,6 +406,17 @@ type RelayServer struct {
 	// Default: 64.
 	MaxSessionsPerPeer int
 
+	// MaxIdlePerPeer bounds the outer connections of one peer that have not
+	// yet sent their first control line, so that a member can hold only its
+	// own share of the server's connections, never keep others out. Past it
+	// a new connection of that peer gets a "busy" error. An honest peer
+	// sends the line right after its handshake. Default: 16.
+	MaxIdlePerPeer int
+
+	// RequestTimeout bounds the wait for the first control line of an outer
+	// connection. Default: 10s.
+	RequestTimeout time.Duration
+
 	mu         sync.Mutex
 	done       chan struct{}
 	closed     bool
@@ -391,6 +426,8 @@ type RelayServer struct {
 	pending    map[string]*relayPending
 	sessions   int
 	perPeer    map[PublicKey]int // sessions by requester
+	idle       relayIdle
+	unauth     relayTally // refusals of connections nobody authenticated
 	wg         sync.WaitGroup
 	nextID     atomic.Uint64
 }
@@ -426,6 +463,7 @@ type relayPending struct {
 
 func (s *RelayServer) initLocked() {
 	if s.done == nil {
+		s.unauth = relayTally{logger: s.Config.logger, interval: relayTallyInterval}
 		s.done = make(chan struct{})
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*Conn]struct{})
@@ -460,6 +498,20 @@ func (s *RelayServer) maxSessionsPerPeer() int {
 		return defaultRelayMaxPerPeer
 	}
 	return s.MaxSessionsPerPeer
+}
+
+func (s *RelayServer) maxIdlePerPeer() int {
+	if s.MaxIdlePerPeer <= 0 {
+		return defaultRelayMaxIdlePerPeer
+	}
+	return s.MaxIdlePerPeer
+}
+
+func (s *RelayServer) requestTimeout() time.Duration {
+	if s.RequestTimeout <= 0 {
+		return defaultRelayRequestTimeout
+	}
+	return s.RequestTimeout
 }
 
 // ListenAndServe listens on the TCP address addr with Listen and serves. It
@@ -552,6 +604,7 @@ func (s *RelayServer) Close() error {
 		c.NetConn().Close()
 	}
 	s.wg.Wait()
+	s.unauth.close()
 	return nil
 }
 
@@ -606,8 +659,10 @@ func (s *RelayServer) handle(c net.Conn) {
 		from, ok = PeerOf(oc)
 	}
 	if !ok {
-		s.Config.logger().Error("noisetor: relay server got a connection that is not an authenticated noisetor connection: serve a listener from Listen or NewListener",
-			slog.String("addr", c.RemoteAddr().String()))
+		// Served from a plain listener by mistake: every scanner would write
+		// a record, so these are counted, not logged one by one.
+		s.unauth.add("not_a_noisetor_connection",
+			"the relay server got a connection that is not an authenticated noisetor connection: serve a listener from Listen or NewListener")
 		c.Close()
 		return
 	}
@@ -615,8 +670,16 @@ func (s *RelayServer) handle(c net.Conn) {
 		oc.NetConn().Close()
 		return
 	}
-	oc.SetDeadline(time.Now().Add(relayRequestTimeout))
+	// Until its first line, a connection is only a cost to us: bound how
+	// many of them one peer holds, and for how long.
+	if !s.idle.enter(from.PublicKey, s.maxIdlePerPeer()) {
+		s.refuse(oc, "request", from.Name, "", relayCodeBusy,
+			fmt.Sprintf("%s has %d connections without a request already", from.Name, s.maxIdlePerPeer()), start)
+		return
+	}
+	oc.SetDeadline(time.Now().Add(s.requestTimeout()))
 	line, err := readRelayLine(oc)
+	s.idle.leave(from.PublicKey)
 	if err != nil {
 		s.logDecision(slog.LevelWarn, "request", from.Name, "", "failed", "reading the request: "+err.Error(), start)
 		s.drop(oc)
@@ -777,7 +840,7 @@ func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
 	session := slog.Uint64("session", id)
 
 	var tc *Conn
-	if err := reg.send("INCOMING " + token); err != nil {
+	if err := reg.send("INCOMING " + token + " " + from.PublicKey.String()); err != nil {
 		reg.kill()
 	} else {
 		timer := time.NewTimer(s.acceptTimeout())
@@ -913,6 +976,13 @@ func relaySplice(a, b *Conn) (aToB, bToA int64, err error) {
 // the sync server only carries their ciphertext. Their CloseWrite sends the
 // end-to-end close record but keeps the connection to the sync server whole
 // (a Tor stream cannot be half-closed); Close ends both.
+//
+// Every relayed connection is a session of its own at the sync server, and
+// the sync server bounds the sessions of one peer (RelayServer.MaxSessionsPerPeer,
+// 64 by default, established or being set up); past it Dial fails with an
+// error matching ErrRelayBusy. An http.Client over DialContext opens one
+// session per request in flight, so bound its parallelism below the limit,
+// e.g. with http.Transport.MaxConnsPerHost.
 type RelayClient struct {
 	// Config is this machine's noisetor configuration. Its keyring must list
 	// the sync server and the peers to reach or to accept; it is used both
@@ -930,6 +1000,23 @@ type RelayClient struct {
 	// NetDialer dials the connections to the sync server; over Tor, the
 	// SOCKS5 dialer. Nil means a zero net.Dialer.
 	NetDialer ContextDialer
+
+	// MaxPending and MaxPendingPerPeer bound the relayed connections the
+	// listener of Listen sets up at once, in all and per requester: from the
+	// sync server's INCOMING line through the accept connection and the
+	// end-to-end handshake until Accept returns the connection; and the
+	// listener starts at most as many setups per 4 seconds, in all and per
+	// requester (a sync server that refuses each accept at once cannot make
+	// it handshake faster). Requests past these are ignored (the requester
+	// gets "no-answer"). The
+	// requester is the peer the sync server names; a request naming a peer
+	// that is not in Config.Keyring, or the sync server itself, is ignored
+	// before any connection is opened. So a wallet that the sync server lets
+	// through but this keyring does not list costs nothing, and one that it
+	// lists fills only its own share. Defaults: 256 and 64 (the sync
+	// server's default sessions per requester).
+	MaxPending        int
+	MaxPendingPerPeer int
 }
 
 func (rc *RelayClient) check() (server Peer, addr string, err error) {
@@ -1000,7 +1087,8 @@ func (rc *RelayClient) request(ctx context.Context, c *Conn, line, peer string) 
 // peer through the sync server, and completes its handshake: the returned
 // *Conn is authenticated to peer's key in Config.Keyring, whatever the sync
 // server does. ctx bounds the whole setup. A refusal by the sync server is a
-// *RelayError matching ErrRelayDenied, ErrPeerOffline or ErrUnknownPeer.
+// *RelayError matching ErrRelayDenied, ErrPeerOffline, ErrUnknownPeer or
+// ErrRelayBusy.
 func (rc *RelayClient) Dial(ctx context.Context, peer string) (*Conn, error) {
 	start := time.Now()
 	_, addr, err := rc.check()
@@ -1067,8 +1155,10 @@ func (rc *RelayClient) DialContext(ctx context.Context, network, addr string) (n
 // only; afterwards the listener keeps the registration up, reconnecting with
 // backoff when the link to the sync server fails, until Close.
 //
-// Accept never returns a connection from the sync server itself: a relayed
-// stream is always meant to reach another peer.
+// Accept never returns a connection from the sync server itself (a relayed
+// stream is always meant to reach another peer), nor one whose peer is not
+// the requester the sync server announced. The listener's limits are
+// RelayClient.MaxPending and MaxPendingPerPeer.
 func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 	start := time.Now()
 	server, addr, err := rc.check()
@@ -1091,8 +1181,10 @@ func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 		cancel:    cancel,
 		feed:      feed,
 		nl:        NewListener(feed, rc.Config),
-		dialSlots: make(chan struct{}, relayMaxDialBacks),
-		ctrl:      ctrl,
+		gate:      relayGate{max: orDefault(rc.MaxPending, defaultRelayMaxPending), perPeerMax: orDefault(rc.MaxPendingPerPeer, defaultRelayMaxPendingPerPeer)},
+		refusals: relayTally{logger: rc.Config.logger, interval: relayTallyInterval,
+			attrs: []slog.Attr{slog.String("op", "accept"), slog.String("server", rc.Server)}},
+		ctrl: ctrl,
 	}
 	l.wg.Add(1)
 	go l.run(ctrl, interval)
@@ -1128,8 +1220,12 @@ type relayListener struct {
 	cancel    context.CancelFunc
 	feed      *relayFeed
 	nl        net.Listener // NewListener(feed): runs the end-to-end handshakes
-	dialSlots chan struct{}
-	wg        sync.WaitGroup
+	gate      relayGate
+	// refusals counts the requests ignored before any connection is opened
+	// and the accept connections that failed: the sync server can cause any
+	// number of them, so they are logged as aggregates.
+	refusals relayTally
+	wg       sync.WaitGroup
 
 	mu     sync.Mutex
 	ctrl   *Conn
@@ -1186,10 +1282,17 @@ func (l *relayListener) run(ctrl *Conn, interval time.Duration) {
 // serveControl answers PINGs and INCOMINGs on c until it fails, and returns
 // why.
 func (l *relayListener) serveControl(c *Conn, interval time.Duration) string {
-	defer c.Close()
+	defer c.Close() // a clean close, also on Close: the sync server logs an orderly unregister
 	silence := 3 * interval
 	for {
+		// Under mu, so that Close's wake-up deadline cannot be overwritten.
+		l.mu.Lock()
+		if l.closed {
+			l.mu.Unlock()
+			return "listener closed"
+		}
 		c.SetReadDeadline(time.Now().Add(silence))
+		l.mu.Unlock()
 		line, err := readRelayLine(c)
 		if err != nil {
 			switch {
@@ -1207,27 +1310,42 @@ func (l *relayListener) serveControl(c *Conn, interval time.Duration) string {
 			}
 			continue
 		}
-		token, ok := strings.CutPrefix(line, "INCOMING ")
-		if !ok || !validRelayToken(token) {
+		rest, ok := strings.CutPrefix(line, "INCOMING ")
+		token, keyText, ok2 := strings.Cut(rest, " ")
+		var requester PublicKey
+		if ok && ok2 && validRelayToken(token) {
+			requester, err = ParsePublicKey(keyText)
+		}
+		if !ok || !ok2 || !validRelayToken(token) || err != nil {
 			return "protocol error: unexpected control line from the sync server"
 		}
-		l.dialBack(token)
+		l.dialBack(token, requester)
 	}
 }
 
-// dialBack opens the ACCEPT connection for one INCOMING.
-func (l *relayListener) dialBack(token string) {
-	select {
-	case l.dialSlots <- struct{}{}:
-	default:
-		l.rc.logDecision(slog.LevelWarn, "accept", "", "dropped",
-			fmt.Sprintf("%d relayed connections already being set up", relayMaxDialBacks), time.Now())
+// dialBack opens the ACCEPT connection for one INCOMING from requester,
+// unless the request is to be ignored: nothing the sync server sends makes
+// us open more connections than the relayGate allows, nor any for a
+// requester we would refuse anyway.
+func (l *relayListener) dialBack(token string, requester PublicKey) {
+	from, ok := l.rc.Config.Keyring.ByKey(requester)
+	switch {
+	case !ok:
+		l.refusals.add("requester_not_in_keyring",
+			"ignored a request from a peer that is not in our keyring (fingerprint "+requester.Fingerprint()+")")
+		return
+	case requester == l.serverKey:
+		l.refusals.add("requester_is_sync_server", "ignored a request that the sync server announced as its own")
 		return
 	}
+	if reason := l.gate.enter(requester); reason != "" {
+		l.refusals.add(reason, fmt.Sprintf("ignored a request from %s: %s", from.Name, l.gate.explain(reason)))
+		return
+	}
+	release := l.gate.leaver(requester)
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
-		defer func() { <-l.dialSlots }()
 		start := time.Now()
 		ctx, cancel := context.WithTimeout(l.ctx, l.rc.Config.handshakeTimeout())
 		defer cancel()
@@ -1243,14 +1361,21 @@ func (l *relayListener) dialBack(token string) {
 			}
 		}
 		if err != nil {
+			release()
 			if l.ctx.Err() == nil {
-				l.rc.logDecision(slog.LevelWarn, "accept", "", "failed", err.Error(), start)
+				reason := "accept_failed"
+				var re *RelayError
+				if errors.As(err, &re) {
+					reason = "accept_refused"
+				}
+				l.refusals.add(reason, fmt.Sprintf("accept connection for a request from %s: %v", from.Name, err))
 			}
 			return
 		}
-		l.rc.logDecision(slog.LevelInfo, "accept", "", "ok", "", start)
-		if !l.feed.push(&relayStream{Conn: c, addr: relayAddr(l.rc.Server)}) {
-			c.Close()
+		l.rc.logDecision(slog.LevelInfo, "accept", "", "ok", "", start) // the peer is known once authenticated, in the handshake record
+		rs := &relayStream{Conn: c, addr: relayAddr(l.rc.Server), requester: from, release: release}
+		if !l.feed.push(rs) {
+			rs.Close()
 		}
 	}()
 }
@@ -1263,13 +1388,24 @@ func (l *relayListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if p, _ := PeerOf(c); p.PublicKey == l.serverKey {
+		rs, _ := c.(*Conn).NetConn().(*relayStream)
+		rs.setupDone() // set up: from here on the application holds it
+		p, _ := PeerOf(c)
+		if p.PublicKey == l.serverKey {
 			// The sync server is in our keyring, so it can complete a
 			// handshake with its own key. It is no end-to-end peer, and
 			// an application that trusts "any keyring peer" must not
 			// take it for one.
 			l.rc.logDecision(slog.LevelWarn, "accept", p.Name, "refused",
 				"the sync server itself completed the end-to-end handshake: a relayed connection must come from another peer", time.Now())
+			c.Close()
+			continue
+		}
+		if p.PublicKey != rs.requester.PublicKey {
+			// The sync server announced the request as another peer's
+			// (and so charged it to that peer's share): it misbehaves.
+			l.rc.logDecision(slog.LevelWarn, "accept", p.Name, "refused",
+				fmt.Sprintf("the sync server announced this connection as from %s", rs.requester.Name), time.Now())
 			c.Close()
 			continue
 		}
@@ -1290,10 +1426,14 @@ func (l *relayListener) Close() error {
 	l.mu.Unlock()
 	l.cancel()
 	if ctrl != nil {
-		ctrl.Close() // a clean close: the sync server logs an orderly unregister
+		// Wake serveControl, which closes ctrl itself: closing it here,
+		// under its read, would race with it (and a sync server that keeps
+		// writing would hold our Close's drain of unread data open).
+		ctrl.SetReadDeadline(time.Unix(1, 0))
 	}
 	err := l.nl.Close()
 	l.wg.Wait()
+	l.refusals.close()
 	return err
 }
 
@@ -1353,8 +1493,16 @@ type RelayConfig struct {
 	AcceptTimeout time.Duration
 	PingInterval  time.Duration
 	MaxSessions   int
-	// MaxSessionsPerPeer sets RelayServer.MaxSessionsPerPeer.
+	// MaxSessionsPerPeer, MaxIdlePerPeer and RequestTimeout set the
+	// RelayServer fields of the same names.
 	MaxSessionsPerPeer int
+	MaxIdlePerPeer     int
+	RequestTimeout     time.Duration
+
+	// Where each directive was read, for errors that must not quote a value
+	// (it could be a secret pasted into the wrong file).
+	source               string
+	keyLine, keyringLine int
 }
 
 // LoadRelayConfig reads a relay configuration file (see ParseRelayConfig).
@@ -1400,10 +1548,14 @@ func LoadRelayConfig(path string) (*RelayConfig, error) {
 //	ping-interval 30s             # optional
 //	max-sessions 1024             # optional
 //	max-sessions-per-peer 64      # optional
+//	max-idle-per-peer 16          # optional
+//	request-timeout 10s           # optional
 //
 // Every directive but allow appears at most once. Parsing is strict: an
 // unknown directive, a missing required one, or a malformed value is an
-// error naming the line. Paths may not contain spaces.
+// error naming the line. Errors never quote a rejected value or an unknown
+// directive: it could be a secret pasted into the wrong file. Paths may not
+// contain spaces.
 func ParseRelayConfig(r io.Reader) (*RelayConfig, error) {
 	return parseRelayConfig("", r)
 }
@@ -1444,52 +1596,63 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 		if dir == "allow" {
 			want = 2
 		}
-		switch dir {
-		case "listen", "key", "keyring", "allow", "accept-timeout", "ping-interval", "max-sessions", "max-sessions-per-peer":
-		default:
-			return nil, lineErr(n, "unknown directive %q (want listen, key, keyring, allow, accept-timeout, ping-interval, max-sessions or max-sessions-per-peer)", relayErrText(dir))
+		if !slices.Contains(relayDirectives, dir) {
+			// Not quoted: a line of a pasted key or PIN lands here.
+			hint := ""
+			if near := relayNearestDirective(dir); near != "" {
+				hint = "; did you mean " + near + "?"
+			}
+			return nil, lineErr(n, "unknown directive (the line's first word, not shown in case it is a secret%s; want one of %s)",
+				hint, strings.Join(relayDirectives, ", "))
 		}
 		if len(args) != want {
 			return nil, lineErr(n, "%s takes %d value(s), got %d", dir, want, len(args))
 		}
-		var err error
 		switch dir {
 		case "listen":
-			if _, _, err = net.SplitHostPort(args[0]); err != nil {
-				return nil, lineErr(n, "listen: %v", err)
+			_, port, err := net.SplitHostPort(args[0])
+			if p, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || (p == 0 && port != "0") {
+				// The value is not quoted: it could be a pasted secret.
+				return nil, lineErr(n, "listen: want host:port, such as 127.0.0.1:7400")
 			}
 			c.Listen = args[0]
 		case "key":
-			c.KeyFile = args[0]
+			c.KeyFile, c.keyLine = args[0], n
 		case "keyring":
-			c.KeyringFile = args[0]
+			c.KeyringFile, c.keyringLine = args[0], n
 		case "allow":
 			rule := RelayRule{From: args[0], To: args[1]}
-			for _, pat := range args {
+			for i, pat := range args {
 				if err := checkRelayPattern(pat); err != nil {
-					return nil, lineErr(n, "allow: %v", err)
+					return nil, lineErr(n, "allow: the %s pattern is not valid: %v", [2]string{"first", "second"}[i], err)
 				}
 			}
 			c.Rules = append(c.Rules, rule)
-		case "accept-timeout", "ping-interval":
+		case "accept-timeout", "ping-interval", "request-timeout":
 			d, err := time.ParseDuration(args[0])
 			if err != nil || d <= 0 {
 				return nil, lineErr(n, "%s: want a positive duration such as 20s", dir)
 			}
-			if dir == "accept-timeout" {
+			switch dir {
+			case "accept-timeout":
 				c.AcceptTimeout = d
-			} else {
+			case "ping-interval":
 				c.PingInterval = d
+			default:
+				c.RequestTimeout = d
 			}
-		case "max-sessions", "max-sessions-per-peer":
+		case "max-sessions", "max-sessions-per-peer", "max-idle-per-peer":
 			v, err := strconv.Atoi(args[0])
 			if err != nil || v <= 0 {
 				return nil, lineErr(n, "%s: want a positive integer", dir)
 			}
-			if dir == "max-sessions" {
+			switch dir {
+			case "max-sessions":
 				c.MaxSessions = v
-			} else {
+			case "max-sessions-per-peer":
 				c.MaxSessionsPerPeer = v
+			default:
+				c.MaxIdlePerPeer = v
 			}
 		}
 	}
@@ -1504,7 +1667,69 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 	if len(c.Rules) == 0 {
 		return nil, fmt.Errorf("noisetor: relay config %s: no allow rules: every request would be denied", name)
 	}
+	c.source = name
 	return c, nil
+}
+
+// relayDirectives are the directives of a relay configuration file.
+var relayDirectives = []string{"listen", "key", "keyring", "allow", "accept-timeout", "ping-interval",
+	"max-sessions", "max-sessions-per-peer", "max-idle-per-peer", "request-timeout"}
+
+// relayNearestDirective returns the directive within two edits of word, if
+// exactly one is: a typo's likely fix. Only for words of four or more
+// letters and hyphens, as directives are, so that it says next to nothing
+// about a secret (keys and PINs hold digits, or are longer).
+func relayNearestDirective(word string) string {
+	if len(word) < 4 || strings.ContainsFunc(word, func(r rune) bool { return !('a' <= r && r <= 'z' || r == '-') }) {
+		return ""
+	}
+	found := ""
+	for _, d := range relayDirectives {
+		if editDistanceAtMost2(word, d) {
+			if found != "" {
+				return ""
+			}
+			found = d
+		}
+	}
+	return found
+}
+
+// editDistanceAtMost2 reports whether a and b are at most two insertions,
+// deletions or substitutions apart.
+func editDistanceAtMost2(a, b string) bool {
+	if len(a) > len(b)+2 || len(b) > len(a)+2 || len(a) > 64 {
+		return false
+	}
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)] <= 2
+}
+
+// fileErr explains that the file named on line of the configuration could
+// not be loaded. A name that exists is a real file name and is quoted by
+// err; one that does not may be a secret pasted into the wrong place, so it
+// is not.
+func (c *RelayConfig) fileErr(what, path string, line int, err error) error {
+	if _, serr := os.Lstat(path); serr == nil || line == 0 {
+		return err
+	}
+	return fmt.Errorf("noisetor: relay config %s:%d: the %s it names does not exist (the name is not shown, in case it is a secret): %w",
+		c.source, line, what, fs.ErrNotExist)
 }
 
 // NewServer loads the keyring (and, if key is nil, the key file) the
@@ -1520,13 +1745,19 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 		}
 		k, err := LoadPrivateKey(c.KeyFile)
 		if err != nil {
-			return nil, err
+			return nil, c.fileErr("key file", c.KeyFile, c.keyLine, err)
 		}
 		key = k
 	}
 	kr, err := LoadKeyring(c.KeyringFile)
 	if err != nil {
-		return nil, err
+		return nil, c.fileErr("keyring file", c.KeyringFile, c.keyringLine, err)
+	}
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if warning := relayListenWarning(c.Listen); warning != "" {
+		logger.Warn("noisetor: relay config: "+warning, slog.String("config", c.source), slog.String("listen", c.Listen))
 	}
 	if err := c.Rules.Check(kr); err != nil {
 		return nil, err
@@ -1538,5 +1769,31 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 		PingInterval:       c.PingInterval,
 		MaxSessions:        c.MaxSessions,
 		MaxSessionsPerPeer: c.MaxSessionsPerPeer,
+		MaxIdlePerPeer:     c.MaxIdlePerPeer,
+		RequestTimeout:     c.RequestTimeout,
 	}, nil
+}
+
+// relayListenWarning says why a listen address deserves a warning, if it
+// does: one that other hosts can reach. Behind an onion service the
+// address should be loopback, or anyone on the network bypasses Tor (and
+// its client authorization) to reach the sync server.
+func relayListenWarning(listen string) string {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return ""
+	}
+	if host == "localhost" {
+		return ""
+	}
+	ip, err := netip.ParseAddr(host)
+	switch {
+	case host == "" || err == nil && ip.IsUnspecified():
+		return "listen " + listen + " accepts connections on every network interface: other hosts can reach the sync server; use 127.0.0.1:<port> behind an onion service"
+	case err != nil:
+		return "listen " + listen + " names a host, which may resolve to an address other hosts can reach; use 127.0.0.1:<port> behind an onion service"
+	case !ip.IsLoopback():
+		return "listen " + listen + " is not a loopback address: other hosts can reach the sync server; use 127.0.0.1:<port> behind an onion service"
+	}
+	return ""
 }

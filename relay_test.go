@@ -431,8 +431,9 @@ func TestRelayOfflinePeer(t *testing.T) {
 		t.Fatalf("REGISTER reply %q, %v", line, err)
 	}
 	check("mute", "no-answer", 2*time.Second)
-	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "INCOMING ") || !validRelayToken(line[9:]) {
-		t.Errorf("mute got %q, %v; want INCOMING <token>", line, err)
+	if line, err := readRelayLine(mute); err != nil || !strings.HasPrefix(line, "INCOMING ") ||
+		!validRelayToken(line[9:9+2*relayTokenLen]) || line[9+2*relayTokenLen:] != " "+n.peers["wallet"].key.PublicKey().String() {
+		t.Errorf("mute got %q, %v; want INCOMING <token> <wallet's key>", line, err)
 	}
 	mustContain(t, n.peers["sync"].logs.String(), "op=connect from=wallet to=mute outcome=no-answer")
 
@@ -520,8 +521,9 @@ func TestRelayProtocolByHand(t *testing.T) {
 	}()
 	line, err := readRelayLine(ctrl)
 	token, ok := strings.CutPrefix(line, "INCOMING ")
-	if err != nil || !ok {
-		t.Fatalf("control line %q, %v", line, err)
+	token, requester, ok2 := strings.Cut(token, " ")
+	if err != nil || !ok || !ok2 || requester != n.peers["wallet"].key.PublicKey().String() {
+		t.Fatalf("control line %q, %v; want INCOMING <token> <wallet's key>", line, err)
 	}
 	// A token is good only for the peer it was sent to.
 	thief := n.relayRaw(t, "other")
@@ -772,6 +774,11 @@ type evilRelay struct {
 	announce  string // reply to REGISTER
 	onConnect func(wallet *Conn, target Peer)
 
+	// refuseUnknownAccepts answers an ACCEPT with a token it did not issue
+	// with ERR bad-token at once (else it holds the connection, silent).
+	refuseUnknownAccepts atomic.Bool
+	acceptLines          atomic.Int32 // ACCEPT lines received
+
 	mu        sync.Mutex
 	ctrl      map[string]*Conn
 	accepts   map[string]chan *Conn
@@ -870,18 +877,28 @@ func (e *evilRelay) handle(c *Conn) {
 		target, _ := e.cfg.Keyring.ByKey(key)
 		e.onConnect(c, target)
 	case strings.HasPrefix(line, "ACCEPT "):
+		e.acceptLines.Add(1)
 		e.mu.Lock()
 		ch := e.accepts[line[7:]]
 		e.mu.Unlock()
 		if ch != nil {
 			ch <- c
+		} else if e.refuseUnknownAccepts.Load() {
+			io.WriteString(c, "ERR bad-token sorry\n")
+			c.Close()
 		}
 	}
 }
 
 // incoming has the registered peer name open a stream, as an honest sync
-// server does, and returns it.
+// server does, announcing it as from the wallet, and returns it.
 func (e *evilRelay) incoming(name string) *Conn {
+	w, _ := e.cfg.Keyring.ByName("wallet")
+	return e.incomingFrom(name, w.PublicKey)
+}
+
+// incomingFrom is incoming announcing the request as from requester.
+func (e *evilRelay) incomingFrom(name string, requester PublicKey) *Conn {
 	token := make([]byte, 16)
 	rand.Read(token)
 	tok := hex.EncodeToString(token)
@@ -894,7 +911,7 @@ func (e *evilRelay) incoming(name string) *Conn {
 		e.t.Errorf("evil relay: %s is not registered", name)
 		return nil
 	}
-	io.WriteString(ctrl, "INCOMING "+tok+"\n")
+	io.WriteString(ctrl, "INCOMING "+tok+" "+requester.String()+"\n")
 	select {
 	case c := <-ch:
 		io.WriteString(c, "OK\n")
@@ -951,10 +968,14 @@ type evilNet struct {
 	evil     *evilRelay
 	accepted map[string]*atomic.Int32
 	towerLn  map[string]net.Listener
+	tune     func(*RelayClient) // applied to each watchtower's RelayClient
 }
 
-func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target Peer), towerHandle func(c net.Conn)) *evilNet {
+func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target Peer), towerHandle func(c net.Conn), tune ...func(*RelayClient)) *evilNet {
 	n := &evilNet{peers: newTestPeers(t, "sync", "wallet", "tower", "tower2"), accepted: map[string]*atomic.Int32{}, towerLn: map[string]net.Listener{}}
+	if len(tune) > 0 {
+		n.tune = tune[0]
+	}
 	var e *evilRelay
 	e = startEvilRelay(t, n.peers["sync"].cfg, func(w *Conn, target Peer) { onConnect(e, w, target) })
 	n.evil = e
@@ -966,6 +987,9 @@ func newEvilNet(t *testing.T, onConnect func(e *evilRelay, wallet *Conn, target 
 
 func (n *evilNet) startTower(t *testing.T, name string, handle func(c net.Conn)) {
 	rc := &RelayClient{Config: n.peers[name].cfg, Server: "sync", Address: n.evil.addr}
+	if n.tune != nil {
+		n.tune(rc)
+	}
 	l, err := rc.Listen(relayCtx(t))
 	if err != nil {
 		t.Fatal(err)
@@ -1241,13 +1265,14 @@ func TestRelayMaliciousServer(t *testing.T) {
 		if !errors.Is(err, ErrPeerOffline) {
 			t.Errorf("wallet dial: %v", err)
 		}
-		// The handshake itself succeeds (the watchtower's keyring holds the
-		// sync server's key); the relay listener must still refuse it.
-		if err := <-evilHS; err != nil {
-			t.Fatalf("the sync server's own handshake failed: %v (the point of this test is the filter after it)", err)
+		// The watchtower's keyring holds the sync server's key, but the
+		// stream was announced as the wallet's: the preamble, which proves
+		// the sync server's key, is refused before any DH.
+		if err := <-evilHS; !errors.Is(err, ErrRefused) {
+			t.Fatalf("the sync server's own handshake: %v, want ErrRefused", err)
 		}
 		relayWaitFor(t, "the refusal", func() bool {
-			return strings.Contains(n.peers["tower"].logs.String(), "op=accept server=sync peer=sync outcome=refused")
+			return strings.Contains(n.peers["tower"].logs.String(), `"reasons.preamble did not verify"=1`)
 		})
 		if a := n.accepted["tower"].Load(); a != 0 {
 			t.Errorf("the watchtower accepted %d connections from the sync server", a)
@@ -1436,8 +1461,13 @@ func TestRelayConfigErrors(t *testing.T) {
 		{"listen 127.0.0.1:1\nkey k\nallow a b\n", `missing required directive "keyring"`},
 		{base + "allow a\n", "<input>:4: allow takes 2 value(s), got 1"},
 		{base + "allow a b\nlisten 127.0.0.1:1\n", "<input>:5: listen given twice (first on line 1)"},
-		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive "frobnicate"`},
-		{base + "allow A b\n", "<input>:4: allow: noisetor: relay rule pattern \"A\""},
+		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive (the line's first word, not shown in case it is a secret; want one of listen, key,`},
+		{base + "allow a b\nalow c d\n", `<input>:5: unknown directive (the line's first word, not shown in case it is a secret; did you mean allow?; want`},
+		{base + "allow a b\nmax-sessions-per-per 3\n", `did you mean max-sessions-per-peer?`},
+		{base + "allow A b\n", "<input>:4: allow: the first pattern is not valid: use peer-name characters"},
+		{base + "allow a b\nmax-idle-per-peer x\n", "<input>:5: max-idle-per-peer: want a positive integer"},
+		{base + "allow a b\nrequest-timeout 0s\n", "<input>:5: request-timeout: want a positive duration"},
+		{"listen 127.0.0.1:http\n", "<input>:1: listen: want host:port, such as 127.0.0.1:7400"},
 		{base + "allow a b\naccept-timeout soon\n", "<input>:5: accept-timeout: want a positive duration"},
 		{base + "allow a b\nping-interval -1s\n", "<input>:5: ping-interval: want a positive duration"},
 		{base + "allow a b\nmax-sessions 0\n", "<input>:5: max-sessions: want a positive integer"},
@@ -1574,8 +1604,8 @@ func TestRelaySessionsPerPeer(t *testing.T) {
 	}
 	_, err := n.client("wallet").Dial(relayCtx(t), "tower")
 	var re *RelayError
-	if !errors.As(err, &re) || re.Code != "busy" {
-		t.Fatalf("third session of one wallet: %v, want a busy RelayError", err)
+	if !errors.As(err, &re) || re.Code != "busy" || !errors.Is(err, ErrRelayBusy) {
+		t.Fatalf("third session of one wallet: %v, want a busy RelayError matching ErrRelayBusy", err)
 	}
 	mustContain(t, err.Error(), "wallet has 2 sessions already")
 	// Another wallet still gets through.

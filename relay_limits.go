@@ -1,0 +1,259 @@
+package noisetor
+
+// Availability limits of the relay (WIRE.md §12.8): no member, and on the
+// watchtower side not even the sync server, can make a relay component hold
+// resources without bound, and one member's share never covers another's.
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+)
+
+const (
+	// defaultRelayMaxIdlePerPeer bounds, at the sync server, the outer
+	// connections of one peer that have not yet sent their first control
+	// line. An honest peer sends that line right after its handshake, so it
+	// has at most a burst of them at once.
+	defaultRelayMaxIdlePerPeer = 16
+
+	// defaultRelayRequestTimeout bounds the wait for the first control line
+	// of an outer connection. The line follows the handshake's last message
+	// in the same flight, so this is ample over Tor.
+	defaultRelayRequestTimeout = 10 * time.Second
+
+	// defaultRelayMaxPending and defaultRelayMaxPendingPerPeer bound, at a
+	// relay listener, the relayed connections being set up (accept
+	// connection, end-to-end handshake, waiting for Accept), in all and per
+	// requester. Per requester it matches the sync server's default
+	// sessions per requester, so that an honest sync server never lets an
+	// honest burst through that the listener then drops.
+	defaultRelayMaxPending        = 256
+	defaultRelayMaxPendingPerPeer = defaultRelayMaxPerPeer
+
+	// relaySetupWindow sets the rate at which a relay listener starts
+	// setting up relayed connections: at most its pending limits per window,
+	// in all and per requester, in bursts of up to those limits. Each setup
+	// costs an outer handshake (the accept connection) and an inner one, and
+	// a sync server that refuses every accept at once could otherwise make
+	// us do them as fast as it answers, taking the static key's DH capacity
+	// (a token's, maybe) from our other listeners.
+	relaySetupWindow = 4 * time.Second
+
+	// relayTallyInterval is how often aggregated refusals are logged.
+	relayTallyInterval = time.Minute
+)
+
+// relayTally logs refusals of input nobody has vouched for as periodic
+// aggregates, counts by reason, instead of one record each: a flood of them
+// costs the attacker nothing per record, and must not fill the operator's
+// disk or drown the records that matter. Decisions about authenticated
+// peers keep one record each.
+type relayTally struct {
+	logger   func() *slog.Logger
+	attrs    []slog.Attr // context of every record, e.g. the sync server
+	interval time.Duration
+
+	mu     sync.Mutex
+	counts map[string]int
+	sample string // the last detail, to show what the refusals look like
+	since  time.Time
+	timer  *time.Timer
+	closed bool
+}
+
+// add counts one refusal under reason, a short code usable as a log key;
+// detail is a human-readable example, logged with the aggregate.
+func (t *relayTally) add(reason, detail string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return
+	}
+	if t.counts == nil {
+		t.counts = make(map[string]int)
+	}
+	if len(t.counts) == 0 {
+		t.since = time.Now()
+		t.timer = time.AfterFunc(t.interval, t.flush)
+	}
+	t.counts[reason]++
+	t.sample = detail
+}
+
+// flush writes the aggregate of the refusals counted so far, if any.
+func (t *relayTally) flush() {
+	t.mu.Lock()
+	counts, sample, since := t.counts, t.sample, t.since
+	t.counts, t.sample = nil, ""
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
+	t.mu.Unlock()
+	if len(counts) == 0 {
+		return
+	}
+	reasons := make([]string, 0, len(counts))
+	total := 0
+	for r, n := range counts {
+		reasons = append(reasons, r)
+		total += n
+	}
+	slices.Sort(reasons)
+	var byReason []any
+	for _, r := range reasons {
+		byReason = append(byReason, slog.Int(r, counts[r]))
+	}
+	attrs := append(slices.Clip(t.attrs),
+		slog.String("outcome", "refused"),
+		slog.Int("count", total),
+		slog.Group("reasons", byReason...),
+		slog.String("example", sample),
+		slog.Duration("interval", time.Since(since)))
+	t.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: relay refusals", attrs...)
+}
+
+// close writes what is left and stops counting.
+func (t *relayTally) close() {
+	t.flush()
+	t.mu.Lock()
+	t.closed = true
+	t.mu.Unlock()
+}
+
+// relayGate bounds the relayed connections a relay listener is setting up,
+// in all and per requester, the requester being the peer the sync server
+// names in its INCOMING line. The sync server may lie about who asks: then
+// it only spends the share of the peer it names, which is no more than it
+// could do by dropping that peer's requests. With an honest sync server a
+// requester can fill its own share, never another's.
+type relayGate struct {
+	max, perPeerMax int
+
+	mu      sync.Mutex
+	total   int
+	rate    relayBucket
+	perPeer map[PublicKey]*relayGatePeer // only keyring peers: bounded
+}
+
+type relayGatePeer struct {
+	pending int
+	rate    relayBucket
+}
+
+// enter takes a slot for requester; on refusal it returns the reason code.
+func (g *relayGate) enter(requester PublicKey) (refused string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.perPeer == nil {
+		g.perPeer = make(map[PublicKey]*relayGatePeer)
+	}
+	p := g.perPeer[requester]
+	if p == nil {
+		p = &relayGatePeer{}
+		g.perPeer[requester] = p
+	}
+	now := time.Now()
+	switch {
+	case p.pending >= g.perPeerMax:
+		return "requester_share_full"
+	case g.total >= g.max:
+		return "all_slots_full"
+	case !p.rate.ready(now, g.perPeerMax):
+		return "requester_rate"
+	case !g.rate.ready(now, g.max):
+		return "total_rate"
+	}
+	// Spend only once both buckets allow it, so that one requester's
+	// refused requests cost the others nothing.
+	p.rate.take()
+	g.rate.take()
+	g.total++
+	p.pending++
+	return ""
+}
+
+// relayBucket is a token bucket holding up to size tokens, refilled at size
+// per relaySetupWindow.
+type relayBucket struct {
+	spent float64 // tokens missing from a full bucket
+	last  time.Time
+}
+
+// ready refills the bucket to now and reports whether it holds a token.
+func (b *relayBucket) ready(now time.Time, size int) bool {
+	if !b.last.IsZero() {
+		b.spent = max(0, b.spent-float64(size)*float64(now.Sub(b.last))/float64(relaySetupWindow))
+	}
+	b.last = now
+	return b.spent+1 <= float64(size)
+}
+
+func (b *relayBucket) take() { b.spent++ }
+
+// leaver returns the function that frees requester's slot, once.
+func (g *relayGate) leaver(requester PublicKey) func() {
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			g.total--
+			g.perPeer[requester].pending--
+		})
+	}
+}
+
+// relayIdle counts, at the sync server, each peer's outer connections that
+// have not yet sent their first control line.
+type relayIdle struct {
+	mu      sync.Mutex
+	perPeer map[PublicKey]int
+}
+
+// enter reports whether peer may hold one more such connection, max at most,
+// and counts it if so.
+func (r *relayIdle) enter(peer PublicKey, max int) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.perPeer[peer] >= max {
+		return false
+	}
+	if r.perPeer == nil {
+		r.perPeer = make(map[PublicKey]int)
+	}
+	r.perPeer[peer]++
+	return true
+}
+
+func (r *relayIdle) leave(peer PublicKey) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.perPeer[peer]--; r.perPeer[peer] <= 0 {
+		delete(r.perPeer, peer)
+	}
+}
+
+// explain describes a refusal code of enter, for a log record.
+func (g *relayGate) explain(refused string) string {
+	switch refused {
+	case "requester_share_full":
+		return fmt.Sprintf("it already has %d relayed connections being set up (MaxPendingPerPeer)", g.perPeerMax)
+	case "all_slots_full":
+		return fmt.Sprintf("%d relayed connections are already being set up (MaxPending)", g.max)
+	case "requester_rate":
+		return fmt.Sprintf("it started more than %d in %v (MaxPendingPerPeer per %v)", g.perPeerMax, relaySetupWindow, relaySetupWindow)
+	}
+	return fmt.Sprintf("more than %d were started in %v (MaxPending per %v)", g.max, relaySetupWindow, relaySetupWindow)
+}
+
+func orDefault(v, def int) int {
+	if v <= 0 {
+		return def
+	}
+	return v
+}
