@@ -1510,19 +1510,13 @@ type RelayConfig struct {
 // security policy. Relative key and keyring paths are made relative to the
 // file's directory.
 func LoadRelayConfig(path string) (*RelayConfig, error) {
-	f, err := os.Open(path)
+	// Writing it means choosing whom the sync server relays for: checked as
+	// a keyring is (WIRE.md §11.4).
+	f, err := openChecked(path, trustFile)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading relay config: %w", err)
+		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("noisetor: loading relay config: %w", err)
-	}
-	if st.Mode().IsRegular() && st.Mode().Perm()&0o022 != 0 {
-		return nil, fmt.Errorf("noisetor: relay config %s: %w: mode %v lets group or others write it, and so change the policy (chmod 644 %s)",
-			path, fs.ErrPermission, st.Mode().Perm(), path)
-	}
 	c, err := parseRelayConfig(path, f)
 	if err != nil {
 		return nil, err
