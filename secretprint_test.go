@@ -126,9 +126,16 @@ func TestSecretsNeverPrinted(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// Not strict: OnionKey holds its secret in an array and
-		// ClientAuthKey one pointer away (tor.go).
 		checkNeverPrinted(t, map[string]any{"*OnionKey": ok, "OnionKey": *ok, "*ClientAuthKey": ck, "ClientAuthKey": *ck},
-			[][]byte{ok.expanded[:32], ok.expanded[32:], ck.priv.Bytes()}, false)
+			[][]byte{ok.expanded[:32], ok.expanded[32:], ck.priv.Bytes()}, true)
+	})
+	t.Run("Tor", func(t *testing.T) {
+		pw := "control-pw-Zq7-secret"
+		tr := &Tor{password: &pw}
+		for _, verb := range []string{"%v", "%+v", "%#v", "%s"} {
+			if got := fmt.Sprintf(verb, tr); strings.Contains(got, pw) {
+				t.Errorf("%s of a *Tor shows its control password: %s", verb, got)
+			}
+		}
 	})
 }

@@ -142,7 +142,7 @@ type Tor struct {
 	embedded    bool      // StartTor runs the tor linked into this binary (embedtor tag)
 	pow         torPoW    // whether the tor has onion-service proof-of-work
 	controlAddr string    // AttachTor
-	password    string    // AttachTor
+	password    *string   // AttachTor; a pointer, so that %+v of a Tor shows no password
 	socksAddr   string    // AttachTor override
 
 	ctx    context.Context // cancelled by Close
@@ -220,7 +220,8 @@ func AttachTor(ctx context.Context, controlAddr string, cfg *TorAttachConfig) (*
 	}
 	t := newTor(cfg.Logger)
 	t.controlAddr = controlAddr
-	t.password = cfg.Password
+	pw := cfg.Password
+	t.password = &pw
 	t.socksAddr = cfg.SocksAddr
 	return t.start(ctx)
 }
@@ -510,7 +511,9 @@ func (t *Tor) connect(ctx context.Context) (_ *torSession, err error) {
 		ctlNet = "unix"
 	} else {
 		ctlNet, ctlAddr = splitNetAddr(t.controlAddr)
-		password = t.password
+		if t.password != nil {
+			password = *t.password
+		}
 	}
 	for try := 0; ; try++ {
 		s.ctl, err = dialTorControl(ctx, ctlNet, ctlAddr, password, s.onEvent)
@@ -1993,7 +1996,15 @@ var torBase32 = base32.StdEncoding.WithPadding(base32.NoPadding)
 // An OnionKey is the ed25519 identity key of a v3 onion service; its public
 // half is the service's address. It never prints its private part.
 type OnionKey struct {
-	expanded [64]byte // tor's expanded secret key: clamped scalar || prefix
+	// The secret is two pointers away, as PrivateKey's is: fmt prints a
+	// value it cannot call methods on field by field, and for a bad verb
+	// what a pointer field points to as well; only a pointer inside that is
+	// printed as an address.
+	*onionKey
+}
+
+type onionKey struct {
+	expanded *[64]byte // tor's expanded secret key: clamped scalar || prefix
 	pub      [32]byte
 }
 
@@ -2014,7 +2025,7 @@ func GenerateOnionKey(random io.Reader) (*OnionKey, error) {
 	}
 	kp := torEd25519.FromCryptoPrivateKey(ed25519.NewKeyFromSeed(seed))
 	clear(seed)
-	k := &OnionKey{}
+	k := &OnionKey{&onionKey{expanded: new([64]byte)}}
 	copy(k.expanded[:], kp.PrivateKey())
 	copy(k.pub[:], kp.PublicKey())
 	return k, nil
@@ -2028,7 +2039,7 @@ func newOnionKey(expanded []byte) (*OnionKey, error) {
 	if expanded[0]&7 != 0 || expanded[31]&0xC0 != 0x40 {
 		return nil, badKey("not a valid ed25519 expanded secret key")
 	}
-	k := &OnionKey{}
+	k := &OnionKey{&onionKey{expanded: new([64]byte)}}
 	copy(k.expanded[:], expanded)
 	copy(k.pub[:], torEd25519.PrivateKey(k.expanded[:]).PublicKey())
 	return k, nil
@@ -2075,8 +2086,8 @@ func ParseOnionKey(b []byte) (*OnionKey, error) {
 	if !ok {
 		return nil, badKey("onion key must start with %s (or be tor's hs_ed25519_secret_key)", onionKeyPrefix)
 	}
-	raw, err := base64.RawURLEncoding.Strict().DecodeString(enc)
-	if err != nil {
+	raw, ok := decodeKeyBase64(enc) // one text form: no CR or LF inside, zero trailing bits
+	if !ok {
 		return nil, badKey("onion key is not unpadded base64url")
 	}
 	return newOnionKey(raw)
@@ -2123,6 +2134,10 @@ func LoadOrCreateOnionKey(path string) (k *OnionKey, created bool, err error) {
 // machine connects to (Peer.ClientAuth); the private half stays here and is
 // registered with this machine's tor. It never prints its private part.
 type ClientAuthKey struct {
+	*clientAuthKey // behind a pointer, as OnionKey's secret is
+}
+
+type clientAuthKey struct {
 	priv *ecdh.PrivateKey
 }
 
@@ -2143,7 +2158,7 @@ func GenerateClientAuthKey(random io.Reader) (*ClientAuthKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("noisetor: %w", err)
 	}
-	return &ClientAuthKey{priv: priv}, nil
+	return &ClientAuthKey{&clientAuthKey{priv: priv}}, nil
 }
 
 // PublicKey returns the public key as tor writes it: 52 characters of
@@ -2190,7 +2205,7 @@ func ParseClientAuthKey(b []byte) (*ClientAuthKey, error) {
 	if err != nil {
 		return nil, badKey("client-auth key is invalid")
 	}
-	return &ClientAuthKey{priv: priv}, nil
+	return &ClientAuthKey{&clientAuthKey{priv: priv}}, nil
 }
 
 // LoadClientAuthKey reads a client-auth key file. It refuses a file that
