@@ -2,9 +2,9 @@
 # The README's test command. Installs what the tests need (tor, tor-gencert,
 # softhsm2) when missing, then runs every check: gofmt, go vet, the whole
 # suite under the race detector against a real private Tor network and real
-# SoftHSM2 tokens, the embedded-Tor build and the whole suite again on it
-# with no tor in PATH, and every fuzz target for NOISETOR_FUZZTIME seconds
-# (default 30; 0 skips the fuzzing, the seed corpora still run as tests).
+# SoftHSM2 tokens, the embedded-Tor build and every test that starts a tor
+# again on it with no tor in PATH, and every fuzz target for NOISETOR_FUZZTIME seconds
+# (default 15; 0 skips the fuzzing, the seed corpora still run as tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,9 +60,12 @@ done
 if PATH=$notor command -v tor || PATH=$notor command -v tor-gencert; then
 	echo "tor is still in the PATH of the embedded-tor tests"; exit 1
 fi
-PATH=$notor go test -tags embedtor -count=1 -timeout 15m ./...
+# Every package that starts a tor, and the root package's Tor tests (its
+# other tests do not depend on the build tag and ran above).
+PATH=$notor go test -tags embedtor -count=1 -timeout 15m ./tortest ./internal/... ./cmd/... ./examples/...
+PATH=$notor go test -tags embedtor -count=1 -timeout 15m -run '^(TestTor|TestEmbedded|TestRelayOverTor)' .
 
-fuzztime=${NOISETOR_FUZZTIME:-30}
+fuzztime=${NOISETOR_FUZZTIME:-15}
 if [ "$fuzztime" != 0 ]; then
 	step "fuzz (${fuzztime}s per target)"
 	scripts/fuzz.sh "$fuzztime"
