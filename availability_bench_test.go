@@ -76,20 +76,7 @@ func BenchmarkHandshakeUnderFlood(b *testing.B) {
 	ps["server"].cfg.StaticKey = key
 	ps["server"].cfg.Logger = slog.New(slog.DiscardHandler)
 	ps["client"].cfg.Logger = slog.New(slog.DiscardHandler)
-	ln, err := Listen("tcp", "127.0.0.1:0", ps["server"].cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	ln := listenServing(b, ps["server"].cfg, nil)
 	addr := ln.Addr().String()
 	dialer := &Dialer{Config: ps["client"].cfg, Peer: "server"}
 	member := func(d time.Duration) int {

@@ -458,21 +458,8 @@ func TestAvailabilityRefusedIsExplained(t *testing.T) {
 			stranger.cfg.Patterns = []Pattern{pattern}
 			ps["server"].cfg.Patterns = []Pattern{pattern}
 			ps["server"].cfg.Logger = slog.New(slog.DiscardHandler)
-			ln, err := Listen("tcp", "127.0.0.1:0", ps["server"].cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, c)
-				}
-			}()
-			_, err = (&Dialer{Config: stranger.cfg, Peer: "server"}).Dial("tcp", ln.Addr().String())
+			ln := listenServing(t, ps["server"].cfg, func(c net.Conn) { io.Copy(io.Discard, c) })
+			_, err := (&Dialer{Config: stranger.cfg, Peer: "server"}).Dial("tcp", ln.Addr().String())
 			if !errors.Is(err, ErrRefused) {
 				t.Fatalf("Dial: %v, want ErrRefused", err)
 			}

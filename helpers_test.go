@@ -141,3 +141,29 @@ func mustContain(t testing.TB, s string, subs ...string) {
 		}
 	}
 }
+
+// listenServing starts a Listener on 127.0.0.1 for cfg whose accepted
+// connections are handed to handle, each in its own goroutine (nil: closed
+// at once), and closes it when the test ends.
+func listenServing(t testing.TB, cfg *Config, handle func(net.Conn)) net.Listener {
+	t.Helper()
+	ln, err := Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if handle == nil {
+				c.Close()
+				continue
+			}
+			go func() { defer c.Close(); handle(c) }()
+		}
+	}()
+	return ln
+}

@@ -18,20 +18,7 @@ import (
 func TestKeyringRemoveEndsConnections(t *testing.T) {
 	checkNoGoroutineLeak(t)
 	ps := newTestPeers(t, "server", "alice", "bob")
-	ln, err := Listen("tcp", "127.0.0.1:0", ps["server"].cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
+	ln := listenServing(t, ps["server"].cfg, func(c net.Conn) { io.Copy(c, c) })
 	dial := func(name string) (net.Conn, error) {
 		return (&Dialer{Config: ps[name].cfg, Peer: "server"}).Dial("tcp", ln.Addr().String())
 	}
@@ -123,20 +110,7 @@ func TestKeyringUpdateFromFile(t *testing.T) {
 func TestKeyringUpdateUnderHandshakes(t *testing.T) {
 	checkNoGoroutineLeak(t)
 	ps := newTestPeers(t, "server", "alice", "bob")
-	ln, err := Listen("tcp", "127.0.0.1:0", ps["server"].cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	ln := listenServing(t, ps["server"].cfg, nil)
 	withAlice := ps["server"].cfg.Keyring.Peers()
 	var withoutAlice []Peer
 	for _, p := range withAlice {

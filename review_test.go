@@ -82,20 +82,7 @@ func TestReviewIndexRecoversFromTokenFailure(t *testing.T) {
 	ps["server"].cfg.StaticKey = key
 	ps["server"].cfg.Logger = slog.New(slog.DiscardHandler)
 	ps["client"].cfg.Logger = slog.New(slog.DiscardHandler)
-	ln, err := Listen("tcp", "127.0.0.1:0", ps["server"].cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	ln := listenServing(t, ps["server"].cfg, nil)
 	// Let the warm-up derivation hit the failure.
 	for deadline := time.Now().Add(5 * time.Second); key.fail.Load() >= 0 && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
