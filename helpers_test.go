@@ -167,3 +167,102 @@ func listenServing(t testing.TB, cfg *Config, handle func(net.Conn)) net.Listene
 	}()
 	return ln
 }
+
+// delayProxy forwards TCP connections on 127.0.0.1 to target, holding every
+// chunk back by oneWay in each direction (order kept, a half-close passed on
+// after the data before it), as a Tor circuit does. It dials target from
+// the local address from (such as 127.0.0.2, so that the listener sees the
+// proxied caller at its own address), or any if from is "".
+func delayProxy(t testing.TB, target, from string, oneWay time.Duration) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d net.Dialer
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	keep := func(c net.Conn) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if conns == nil {
+			c.Close()
+			return false
+		}
+		conns = append(conns, c)
+		return true
+	}
+	conns = []net.Conn{}
+	pipe := func(dst, src net.Conn) {
+		defer wg.Done()
+		type chunk struct {
+			due time.Time
+			b   []byte
+		}
+		ch := make(chan chunk, 4096)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(ch)
+			for {
+				b := make([]byte, 32<<10)
+				n, err := src.Read(b)
+				if n > 0 {
+					ch <- chunk{time.Now().Add(oneWay), b[:n]}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+		for c := range ch {
+			time.Sleep(time.Until(c.due))
+			if _, err := dst.Write(c.b); err != nil {
+				src.Close()
+				dst.Close()
+				for range ch {
+				}
+				return
+			}
+		}
+		dst.(*net.TCPConn).CloseWrite()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := d.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			if !keep(c) || !keep(up) {
+				c.Close()
+				up.Close()
+				return
+			}
+			wg.Add(2)
+			go pipe(up, c)
+			go pipe(c, up)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = nil
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
+}
