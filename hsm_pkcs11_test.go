@@ -33,7 +33,9 @@ import (
 // PIN files get the file checks of TestFileChecks.
 func init() {
 	extraFileLoaders = append(extraFileLoaders, fileLoader{"PIN file", secretFile,
-		func(*testing.T) []byte { return []byte("1234\n") },
+		// Distinctive: the check looks for it in errors, which hold random
+		// temporary paths ("1234" was once found in one).
+		func(*testing.T) []byte { return []byte("pin-Qx7vZ-secret\n") },
 		func(p string) error {
 			_, err := (&PKCS11Config{Module: "/nonexistent.so", TokenLabel: "t", KeyLabel: "k", PINFile: p}).check(false)
 			return err
