@@ -904,7 +904,11 @@ func TestTorRestart(t *testing.T) {
 		}
 		republishedc <- time.Since(killed)
 	}()
-	rd := &TorDialer{Tor: cli, ClientAuth: cak, RetryFor: 5 * time.Second}
+	// Each dial may run as long as a launched tor's SocksTimeout (20 s), so
+	// that tor itself gets to give up on the dead service's introduction
+	// points and fetch the new descriptor; cutting attempts short at 5 s once
+	// kept a client out for over a minute.
+	rd := &TorDialer{Tor: cli, ClientAuth: cak, RetryFor: 20 * time.Second}
 	for {
 		c, _, err = torFirstByte(ctx, rd, addr)
 		if err == nil {
