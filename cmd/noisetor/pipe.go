@@ -347,10 +347,13 @@ func pipe(e *env, conn *noisetor.Conn) error {
 		if err == nil {
 			err = conn.CloseWrite()
 		}
-		sent <- err
 		if err != nil {
+			// Before saying so: once the main goroutine hears of it, it
+			// returns and its deferred Close would send a close record,
+			// a clean end after part of the input.
 			abort() // the peer must not wait for the rest; it sees a truncation
 		}
+		sent <- err
 	}()
 	_, rerr := io.Copy(e.stdout, conn)
 	switch {
