@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/noisetor/noisetor"
@@ -342,6 +343,7 @@ func pipe(e *env, conn *noisetor.Conn) error {
 	defer stop()
 
 	sent := make(chan error, 1)
+	var sendFailed atomic.Bool // set before the sender cuts the connection
 	go func() {
 		_, err := io.Copy(conn, e.stdin)
 		if err == nil {
@@ -351,6 +353,7 @@ func pipe(e *env, conn *noisetor.Conn) error {
 			// Before saying so: once the main goroutine hears of it, it
 			// returns and its deferred Close would send a close record,
 			// a clean end after part of the input.
+			sendFailed.Store(true)
 			abort() // the peer must not wait for the rest; it sees a truncation
 		}
 		sent <- err
@@ -361,10 +364,13 @@ func pipe(e *env, conn *noisetor.Conn) error {
 		abort()
 		return errors.New("interrupted")
 	case rerr != nil:
+		if sendFailed.Load() { // the sender failed first and cut the connection
+			return fmt.Errorf("sending: not all input was delivered: %w", <-sent)
+		}
 		abort()
 		select {
 		case serr := <-sent:
-			if serr != nil { // the sender failed first and cut the connection
+			if serr != nil {
 				return fmt.Errorf("sending: not all input was delivered: %w", serr)
 			}
 		default:
