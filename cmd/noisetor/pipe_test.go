@@ -31,14 +31,19 @@ var patternBlock = func() []byte {
 }()
 
 // patternReader yields n bytes of patternBlock repeated, then io.EOF, or
-// failErr instead of io.EOF when it is set.
+// failErr instead of io.EOF when it is set. With gate set, it waits for the
+// gate to close before it ends.
 type patternReader struct {
 	n, off  int64
 	failErr error
+	gate    chan struct{}
 }
 
 func (r *patternReader) Read(p []byte) (int, error) {
 	if r.off >= r.n {
+		if r.gate != nil {
+			<-r.gate
+		}
 		if r.failErr != nil {
 			return 0, r.failErr
 		}
@@ -194,11 +199,16 @@ func TestPipeInputErrorIsNoCleanEnd(t *testing.T) {
 	readErr := errors.New("input device failed")
 	for _, role := range pipeRoles {
 		t.Run(role.name, func(t *testing.T) {
-			peer, wait := role.run(t, dir, &patternReader{n: 1 << 20, failErr: readErr})
+			// The input fails only once the peer has closed its side,
+			// which is the case this test is for (and a CloseWrite on a
+			// connection the CLI has already cut would fail).
+			gate := make(chan struct{})
+			peer, wait := role.run(t, dir, &patternReader{n: 1 << 20, failErr: readErr, gate: gate})
 			defer peer.Close()
 			if err := peer.(*noisetor.Conn).CloseWrite(); err != nil {
 				t.Fatal(err)
 			}
+			close(gate)
 			// A cut, never a clean end: the stream ends without a close
 			// record (io.ErrUnexpectedEOF) or is reset, when the CLI's
 			// socket closes with our close record unread.
