@@ -61,6 +61,15 @@ type Config struct {
 	// StaticKey is this machine's long-term key. Required.
 	StaticKey StaticKey
 
+	// PreviousStaticKey is set while this machine's key is being rotated
+	// (WIRE.md §11.2.6): it is the key being replaced, StaticKey the new one,
+	// listed in the peers' keyrings as the old key with next=StaticKey.
+	// Handshakes addressed to either key are answered, since peers address
+	// this machine with the old key until the overlap ends; this machine
+	// always authenticates with StaticKey. Remove it once the overlap is
+	// over. It must be on the curve of StaticKey. Optional.
+	PreviousStaticKey StaticKey
+
 	// Keyring lists the peers this machine may talk to. A connection with a
 	// peer whose static key is not in it fails. Required.
 	Keyring *Keyring
@@ -134,9 +143,10 @@ type Config struct {
 	Logger *slog.Logger
 
 	// Derived from StaticKey and Keyring on first use.
-	derivedOnce sync.Once
-	pairKeys    *pairKeys
-	live        *liveConns
+	derivedOnce  sync.Once
+	pairKeys     *pairKeys
+	previousKeys *pairKeys // of PreviousStaticKey, if set
+	live         *liveConns
 }
 
 const (
@@ -228,6 +238,7 @@ func (c *Config) Clone() *Config {
 	}
 	return &Config{
 		StaticKey:            c.StaticKey,
+		PreviousStaticKey:    c.PreviousStaticKey,
 		Keyring:              c.Keyring,
 		Patterns:             c.Patterns,
 		CipherSuites:         c.CipherSuites,
@@ -248,6 +259,9 @@ func (c *Config) Clone() *Config {
 func (c *Config) derive() {
 	c.derivedOnce.Do(func() {
 		c.pairKeys = newPairKeys(c.StaticKey)
+		if c.PreviousStaticKey != nil {
+			c.previousKeys = newPairKeys(c.PreviousStaticKey)
+		}
 		c.live = &liveConns{cfg: c}
 	})
 }
@@ -256,6 +270,16 @@ func (c *Config) derive() {
 func (c *Config) keys() *pairKeys {
 	c.derive()
 	return c.pairKeys
+}
+
+// ownKeys returns the preamble keys of each of our static keys: StaticKey's,
+// then PreviousStaticKey's during a rotation.
+func (c *Config) ownKeys() []*pairKeys {
+	c.derive()
+	if c.previousKeys == nil {
+		return []*pairKeys{c.pairKeys}
+	}
+	return []*pairKeys{c.pairKeys, c.previousKeys}
 }
 
 // liveConns returns the connections established under c.
@@ -288,6 +312,15 @@ func (c *Config) check() error {
 	}
 	if c.Keyring == nil {
 		return fmt.Errorf("noisetor: Config.Keyring is not set")
+	}
+	if c.PreviousStaticKey != nil {
+		own, prev := c.StaticKey.PublicKey(), c.PreviousStaticKey.PublicKey()
+		if prev.Curve() != own.Curve() {
+			return fmt.Errorf("noisetor: Config.PreviousStaticKey is %s and StaticKey %s (a rotation keeps the curve)", prev.Curve(), own.Curve())
+		}
+		if prev == own {
+			return fmt.Errorf("noisetor: Config.PreviousStaticKey is StaticKey")
+		}
 	}
 	for _, p := range c.patterns() {
 		if p != KK && p != XK {

@@ -24,9 +24,12 @@ type ConnectionState struct {
 	HandshakeComplete bool
 	// Initiator is true on the side that dialed.
 	Initiator bool
-	// Peer is the keyring entry of the other side: its Name and PublicKey are
-	// authenticated by the handshake.
+	// Peer is the keyring entry of the other side, whose Name the handshake
+	// authenticated.
 	Peer Peer
+	// PeerKey is the static key the other side proved: Peer.PublicKey, or
+	// during a rotation of its key (Peer.NextKey) possibly the next key.
+	PeerKey PublicKey
 	// Pattern and CipherSuite are those of the handshake; Curve is the DH
 	// function of both static keys.
 	Pattern     Pattern
@@ -321,7 +324,7 @@ func HandshakeInitiate(ctx context.Context, conn net.Conn, cfg *Config, ephemera
 		return nil, fmt.Errorf("%w: responder key %v is not in the keyring", ErrUnknownPeer, remoteStatic)
 	}
 	c := Client(conn, cfg, peer.Name)
-	c.ephemeral = ephemeral
+	c.ephemeral, c.remoteStatic = ephemeral, remoteStatic
 	if err := c.HandshakeContext(ctx); err != nil {
 		return nil, err
 	}
@@ -342,7 +345,7 @@ func HandshakeRespond(ctx context.Context, conn net.Conn, cfg *Config, ephemeral
 	if err := c.HandshakeContext(ctx); err != nil {
 		return nil, err
 	}
-	if !remoteStatic.IsZero() && c.state.Peer.PublicKey != remoteStatic {
+	if !remoteStatic.IsZero() && c.state.PeerKey != remoteStatic {
 		c.Close()
 		return nil, fmt.Errorf("%w: initiator is %q, not the expected key %v", ErrUnknownPeer, c.state.Peer.Name, remoteStatic)
 	}

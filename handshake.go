@@ -257,15 +257,18 @@ func (c *Conn) handshakeDeadline(ctx context.Context) (stop func(), ctxBound boo
 func (c *Conn) clientHandshake() error {
 	cfg := c.cfg
 	own := cfg.StaticKey.PublicKey()
+	peer, ok := cfg.Keyring.ByName(c.state.Peer.Name)
+	if !ok {
+		return fmt.Errorf("%w: no peer named %q", ErrUnknownPeer, c.state.Peer.Name)
+	}
+	c.state.Peer = peer
 	remote := c.remoteStatic
 	if remote.IsZero() {
-		peer, ok := cfg.Keyring.ByName(c.state.Peer.Name)
-		if !ok {
-			return fmt.Errorf("%w: no peer named %q", ErrUnknownPeer, c.state.Peer.Name)
-		}
-		c.state.Peer = peer
-		remote = peer.PublicKey
+		remote = peer.DialKey(cfg.now())
+	} else if !peer.accepts(remote, cfg.now()) {
+		return fmt.Errorf("%w: key %v of peer %q is no longer accepted: its rotation's overlap ended at %v", ErrUnknownPeer, remote, peer.Name, peer.OverlapUntil)
 	}
+	c.state.PeerKey = remote
 	if remote.Curve() != own.Curve() {
 		return fmt.Errorf("noisetor: peer %q has a %s key and ours is %s", c.state.Peer.Name, remote.Curve(), own.Curve())
 	}
@@ -358,10 +361,7 @@ func (c *Conn) refusedErr(next string, raw, err error) error {
 		return err
 	}
 	own := c.cfg.StaticKey.PublicKey()
-	remote := c.state.Peer.PublicKey
-	if remote.IsZero() {
-		remote = c.remoteStatic
-	}
+	remote := c.state.PeerKey
 	why := fmt.Sprintf("it does not list our key, or the key we hold for it is not its key, or it does not accept %v with %v on %v, or our clocks differ by more than 10 minutes, or it is at its connection limits",
 		c.state.Pattern, c.state.CipherSuite, own.Curve())
 	if c.state.Pattern == XK && next == "its confirm record" {
@@ -435,32 +435,44 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return fmt.Errorf("%w: peer uses curve %v, our key is %v", ErrVersion, pre.curve, own.Curve())
 	}
 
+	// keys is that of our static keys (two during a rotation) to which the
+	// preamble is addressed.
 	keys := cfg.keys()
 	var remote PublicKey
-	replay := keys.replay
+	var replay *replayCache
 	var window, now uint64
 	if pre.pattern == KK {
-		p, secrets, w, err := keys.findKK(cfg.Keyring, pre, rawPreamble, cfg.now())
-		if err != nil {
-			c.refusal = "our static key failed"
-			return readMessageErr(err, "the preamble", "could not be checked")
+		var p Peer
+		var secrets *pairSecrets
+		var w uint64
+		for _, ks := range cfg.ownKeys() {
+			if p, secrets, w, err = ks.findKK(cfg.Keyring, pre, rawPreamble, cfg.now()); err != nil {
+				c.refusal = "our static key failed"
+				return readMessageErr(err, "the preamble", "could not be checked")
+			}
+			if secrets != nil {
+				keys = ks
+				break
+			}
 		}
 		if secrets == nil {
 			c.refusal = "preamble did not verify"
 			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, keys.ownFingerprint)
 		}
-		if a, ok := c.conn.(interface{ announcedInitiator() PublicKey }); ok && !a.announcedInitiator().IsZero() && a.announcedInitiator() != p.PublicKey {
+		if a, ok := c.conn.(interface{ announcedInitiator() PublicKey }); ok && !a.announcedInitiator().IsZero() && a.announcedInitiator() != p.PublicKey && a.announcedInitiator() != p.NextKey {
 			// A relayed stream whose preamble proves another key than the
 			// requester its INCOMING line named: whoever relays it (the
 			// sync server) gets the same refusal as a forger.
 			c.refusal = "preamble did not verify"
 			return fmt.Errorf("%w: the relayed preamble is not from the announced requester", ErrUnknownPeer)
 		}
-		c.state.Peer, remote, replay = p, p.PublicKey, secrets.replay
+		c.state.Peer, c.state.PeerKey, remote, replay = p, secrets.peer, secrets.peer, secrets.replay
 		window, now = w, preambleWindowOf(cfg.now())
-	} else if !tagEqual(xkTag(keys.xkKey, rawPreamble[:32]), pre.tag) {
+	} else if keys = xkAddressee(cfg.ownKeys(), pre, rawPreamble); keys == nil {
 		c.refusal = "preamble did not verify"
-		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, keys.ownFingerprint)
+		return fmt.Errorf("%w: XK preamble tag is wrong: the caller does not have our public key (fingerprint %s)", ErrUnknownPeer, cfg.keys().ownFingerprint)
+	} else {
+		replay = keys.replay
 	}
 	if err := replay.add(pre.salt, window, now); err != nil {
 		c.refusal = "replayed preamble"
@@ -475,7 +487,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	defer cancel()
 	if pre.pattern == KK {
 		c.authenticated = true
-		if err := c.takeTurn(ctx, remote); err != nil {
+		if err := c.takeTurn(ctx, c.state.Peer.PublicKey); err != nil {
 			return err
 		}
 	} else {
@@ -484,7 +496,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 
 	hs, err := newHandshakeState(handshakeParams{
 		pattern: pre.pattern, cipher: pre.cipher,
-		static: cfg.StaticKey, remoteStatic: remote,
+		static: keys.static, remoteStatic: remote,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
 		gate: c.dhGate(ctx),
 	})
@@ -533,13 +545,13 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		// keyring entry.
 		remote = PublicKey{curve: own.Curve(), raw: string(hs.PeerStatic())}
 		p, ok := cfg.Keyring.ByKey(remote)
-		if !ok {
+		if !ok || !p.accepts(remote, cfg.now()) {
 			c.refusal = "XK caller's key not in the keyring"
 			return fmt.Errorf("%w: caller's key %v (fingerprint %s) is not in our keyring", ErrUnknownPeer, remote, remote.Fingerprint())
 		}
-		c.state.Peer = p
+		c.state.Peer, c.state.PeerKey = p, remote
 		c.authenticated, c.refusal = true, ""
-		if err := c.takeTurn(ctx, remote); err != nil {
+		if err := c.takeTurn(ctx, p.PublicKey); err != nil {
 			return err
 		}
 	}
@@ -561,6 +573,17 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		}
 	}
 	c.out.half, c.in.half = send, recv
+	return nil
+}
+
+// xkAddressee returns the one of our keys to which the XK preamble raw is
+// addressed, or nil.
+func xkAddressee(own []*pairKeys, pre *preamble, raw []byte) *pairKeys {
+	for _, ks := range own {
+		if tagEqual(xkTag(ks.xkKey, raw[:32]), pre.tag) {
+			return ks
+		}
+	}
 	return nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unicode/utf8"
 )
 
@@ -55,6 +56,51 @@ type Peer struct {
 	// line of a Tor authorized_clients/*.auth file (the prefix is accepted
 	// and removed). Optional.
 	ClientAuth string
+
+	// NextKey and OverlapUntil describe a rotation of the peer's static key
+	// (WIRE.md §11.2.6): until OverlapUntil the peer may authenticate with
+	// PublicKey or NextKey, and a dialer addresses it with PublicKey; from
+	// OverlapUntil on only NextKey is accepted, and dialers address it with
+	// NextKey. Connections authenticated with PublicKey end at OverlapUntil.
+	// Both are set or neither; NextKey is unique in the keyring like
+	// PublicKey, and OverlapUntil is kept in UTC, to the second.
+	NextKey      PublicKey
+	OverlapUntil time.Time
+}
+
+// Keys returns the static keys that authenticate p at time now: PublicKey
+// and, during a rotation, NextKey; after the overlap only NextKey.
+func (p Peer) Keys(now time.Time) []PublicKey {
+	switch {
+	case p.NextKey.IsZero():
+		return []PublicKey{p.PublicKey}
+	case now.Before(p.OverlapUntil):
+		return []PublicKey{p.PublicKey, p.NextKey}
+	default:
+		return []PublicKey{p.NextKey}
+	}
+}
+
+// DialKey returns the key with which a dialer addresses p at time now: its
+// PublicKey until the end of a rotation's overlap, then its NextKey. The
+// rotating machine answers to both keys until then (Config.PreviousStaticKey).
+func (p Peer) DialKey(now time.Time) PublicKey {
+	if !p.NextKey.IsZero() && !now.Before(p.OverlapUntil) {
+		return p.NextKey
+	}
+	return p.PublicKey
+}
+
+// accepts reports whether key authenticates p at time now.
+func (p Peer) accepts(key PublicKey, now time.Time) bool {
+	return slices.Contains(p.Keys(now), key)
+}
+
+// equal reports whether p and q are the same entry (== would compare
+// OverlapUntil's location too).
+func (p Peer) equal(q Peer) bool {
+	return p.Name == q.Name && p.PublicKey == q.PublicKey && p.Address == q.Address &&
+		p.ClientAuth == q.ClientAuth && p.NextKey == q.NextKey && p.OverlapUntil.Equal(q.OverlapUntil)
 }
 
 // A Keyring is the set of peers this machine may talk to, each with a unique
@@ -65,11 +111,11 @@ type Peer struct {
 // The file format (see ParseKeyring) is one peer per line:
 //
 //	# comment
-//	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
+//	<name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>] [next=<public-key> until=<time>]
 type Keyring struct {
 	mu     sync.RWMutex
 	byName map[string]Peer
-	byKey  map[PublicKey]string // public key -> name
+	byKey  map[PublicKey]string // public key and next key -> name
 	byAddr map[string]string    // normalised address -> name
 	gen    uint64               // counts changes, for the preamble index
 
@@ -136,8 +182,10 @@ func (k *Keyring) conflict(p Peer) (field, other string) {
 	if _, ok := k.byName[p.Name]; ok {
 		return "name", p.Name
 	}
-	if n, ok := k.byKey[p.PublicKey]; ok {
-		return "public key", n
+	for _, key := range []PublicKey{p.PublicKey, p.NextKey} {
+		if n, ok := k.byKey[key]; ok && !key.IsZero() {
+			return "public key", n
+		}
 	}
 	if p.Address != "" {
 		if n, ok := k.byAddr[p.Address]; ok {
@@ -157,6 +205,9 @@ func (k *Keyring) insert(p Peer) {
 	k.gen++
 	k.byName[p.Name] = p
 	k.byKey[p.PublicKey] = p.Name
+	if !p.NextKey.IsZero() {
+		k.byKey[p.NextKey] = p.Name
+	}
 	if p.Address != "" {
 		k.byAddr[p.Address] = p.Name
 	}
@@ -199,7 +250,8 @@ func (k *Keyring) ByName(name string) (Peer, bool) {
 	return p, ok
 }
 
-// ByKey returns the peer whose static key is pub.
+// ByKey returns the peer whose static key or next key (Peer.NextKey) is pub,
+// whether or not that key authenticates the peer at this time (Peer.Keys).
 func (k *Keyring) ByKey(pub PublicKey) (Peer, bool) {
 	if k == nil || pub.IsZero() {
 		return Peer{}, false
@@ -291,10 +343,16 @@ func writePeerLine(b *bytes.Buffer, p Peer) {
 		b.WriteString(" auth=")
 		b.WriteString(p.ClientAuth)
 	}
+	if !p.NextKey.IsZero() {
+		b.WriteString(" next=")
+		b.WriteString(p.NextKey.String())
+		b.WriteString(" until=")
+		b.WriteString(p.OverlapUntil.Format(time.RFC3339))
+	}
 	b.WriteByte('\n')
 }
 
-const keyringHeader = "# noisetor keyring: <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]\n"
+const keyringHeader = "# noisetor keyring: <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>] [next=<public-key> until=<time>]\n"
 
 // WriteTo writes the keyring in the file format of ParseKeyring: a comment
 // line, then one line per peer, sorted by name, fields separated by one
@@ -437,11 +495,14 @@ func parseKeyring(path string, r io.Reader) (*Keyring, error) {
 				fmt.Sprintf("duplicate address %s (first on line %d, peer %q)", p.Address, addrLine[p.Address], other)}}
 		default:
 			return nil, &KeyringError{Path: path, Line: n, Err: &peerError{ErrDuplicatePeer,
-				fmt.Sprintf("duplicate public key (first on line %d, peer %q)", keyLine[p.PublicKey], other)}}
+				fmt.Sprintf("duplicate public key (first on line %d, peer %q)", max(keyLine[p.PublicKey], keyLine[p.NextKey]), other)}}
 		}
 		k.insert(p)
 		nameLine[p.Name] = n
 		keyLine[p.PublicKey] = n
+		if !p.NextKey.IsZero() {
+			keyLine[p.NextKey] = n
+		}
 		if p.Address != "" {
 			addrLine[p.Address] = n
 		}
@@ -480,7 +541,7 @@ func parseLine(line []byte) (p Peer, ok bool, err error) {
 	}
 	if len(fields) < 2 {
 		return Peer{}, false, &peerError{ErrBadPeer,
-			"want <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]"}
+			"want <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>] [next=<public-key> until=<time>]"}
 	}
 	p.Name = fields[0]
 	if err := checkName(p.Name); err != nil {
@@ -493,13 +554,29 @@ func parseLine(line []byte) (p Peer, ok bool, err error) {
 	if err != nil {
 		return Peer{}, false, keyError("public key", err)
 	}
-	var haveAddr, haveAuth bool
+	var haveAddr, haveAuth, haveNext, haveUntil bool
 	for _, f := range fields[2:] {
 		key, val, found := strings.Cut(f, "=")
 		if !found {
-			return Peer{}, false, &peerError{ErrBadPeer, "unexpected field after the public key (want addr=... or auth=...)"}
+			return Peer{}, false, &peerError{ErrBadPeer, "unexpected field after the public key (want addr=, auth=, next= or until=)"}
 		}
 		switch key {
+		case "next":
+			if haveNext {
+				return Peer{}, false, &peerError{ErrBadPeer, "next= given twice"}
+			}
+			haveNext = true
+			if p.NextKey, err = ParsePublicKey(val); err != nil {
+				return Peer{}, false, keyError("next key", err)
+			}
+		case "until":
+			if haveUntil {
+				return Peer{}, false, &peerError{ErrBadPeer, "until= given twice"}
+			}
+			haveUntil = true
+			if p.OverlapUntil, err = parseUntil(val); err != nil {
+				return Peer{}, false, err
+			}
 		case "addr":
 			if haveAddr {
 				return Peer{}, false, &peerError{ErrBadPeer, "addr= given twice"}
@@ -520,9 +597,9 @@ func parseLine(line []byte) (p Peer, ok bool, err error) {
 			p.ClientAuth = val
 		default:
 			if isFieldName(key) {
-				return Peer{}, false, &peerError{ErrBadPeer, fmt.Sprintf("unknown field %q (want addr= or auth=)", key)}
+				return Peer{}, false, &peerError{ErrBadPeer, fmt.Sprintf("unknown field %q (want addr=, auth=, next= or until=)", key)}
 			}
-			return Peer{}, false, &peerError{ErrBadPeer, "unknown field (want addr= or auth=)"}
+			return Peer{}, false, &peerError{ErrBadPeer, "unknown field (want addr=, auth=, next= or until=)"}
 		}
 	}
 	p, err = normalizePeer(p)
@@ -567,7 +644,29 @@ func normalizePeer(p Peer) (Peer, error) {
 		}
 		p.ClientAuth = a
 	}
+	if p.NextKey.IsZero() != p.OverlapUntil.IsZero() {
+		return Peer{}, &peerError{ErrBadPeer, fmt.Sprintf("peer %q: a rotation needs both next= (the new key) and until= (the end of the overlap)", p.Name)}
+	}
+	if !p.NextKey.IsZero() {
+		if p.NextKey == p.PublicKey {
+			return Peer{}, &peerError{ErrBadKey, fmt.Sprintf("peer %q: the next key is its current key", p.Name)}
+		}
+		if p.NextKey.Curve() != p.PublicKey.Curve() {
+			return Peer{}, &peerError{ErrBadKey, fmt.Sprintf("peer %q: the next key is %s and the current one %s (a rotation keeps the curve)", p.Name, p.NextKey.Curve(), p.PublicKey.Curve())}
+		}
+		p.OverlapUntil = p.OverlapUntil.UTC().Truncate(time.Second)
+	}
 	return p, nil
+}
+
+// parseUntil parses the end of an overlap: RFC 3339 with seconds, in UTC
+// ("Z") or with an offset, e.g. 2026-12-08T00:00:00Z.
+func parseUntil(s string) (time.Time, error) {
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return time.Time{}, &peerError{ErrBadPeer, "until= is not an RFC 3339 time such as 2026-12-08T00:00:00Z"}
+	}
+	return t, nil
 }
 
 // checkName checks a peer name. It does not quote an invalid name.

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 )
 
 // A KeyringChange describes one change of a Keyring: the peers added and
@@ -71,12 +72,12 @@ func (k *Keyring) Update(next *Keyring) KeyringChange {
 		want[p.Name] = p
 	}
 	for name, p := range k.byName {
-		if q, ok := want[name]; !ok || q != p {
+		if q, ok := want[name]; !ok || !q.equal(p) {
 			change.Removed = append(change.Removed, p)
 		}
 	}
 	for _, p := range peers {
-		if q, ok := k.byName[p.Name]; !ok || q != p {
+		if q, ok := k.byName[p.Name]; !ok || !q.equal(p) {
 			change.Added = append(change.Added, p)
 		}
 	}
@@ -103,6 +104,9 @@ func (k *Keyring) deleteLocked(p Peer) {
 	k.gen++
 	delete(k.byName, p.Name)
 	delete(k.byKey, p.PublicKey)
+	if !p.NextKey.IsZero() {
+		delete(k.byKey, p.NextKey)
+	}
 	if p.Address != "" {
 		delete(k.byAddr, p.Address)
 	}
@@ -157,7 +161,7 @@ type liveConns struct {
 
 	once  sync.Once
 	mu    sync.Mutex
-	conns map[*Conn]struct{}
+	conns map[*Conn]*time.Timer // the end of the overlap of the key it proved, or nil
 }
 
 // track records an established connection; Close untracks it.
@@ -169,36 +173,81 @@ func (l *liveConns) track(c *Conn) {
 	})
 	l.mu.Lock()
 	if l.conns == nil {
-		l.conns = make(map[*Conn]struct{})
+		l.conns = make(map[*Conn]*time.Timer)
 	}
-	l.conns[c] = struct{}{}
+	// A session authenticated with the key a rotation replaces ends with the
+	// overlap: whoever holds the old key (perhaps because it leaked) keeps
+	// nothing past it.
+	var overlapEnd *time.Timer
+	if p := c.state.Peer; !p.NextKey.IsZero() && c.state.PeerKey == p.PublicKey {
+		overlapEnd = time.AfterFunc(p.OverlapUntil.Sub(l.cfg.now()), func() { l.recheck(c) })
+	}
+	l.conns[c] = overlapEnd
 	l.mu.Unlock()
 	c.live = l
 }
 
 func (l *liveConns) untrack(c *Conn) {
 	l.mu.Lock()
+	if t := l.conns[c]; t != nil {
+		t.Stop()
+	}
 	delete(l.conns, c)
 	l.mu.Unlock()
+}
+
+// stillAccepted reports whether the keyring still accepts the key c proved
+// for the peer it proved it for.
+func (l *liveConns) stillAccepted(c *Conn) bool {
+	q, ok := l.cfg.Keyring.ByKey(c.state.PeerKey)
+	return ok && q.Name == c.state.Peer.Name && q.accepts(c.state.PeerKey, l.cfg.now())
+}
+
+// recheck closes c if its key is no longer accepted, or waits for the end of
+// an overlap that the keyring has moved.
+func (l *liveConns) recheck(c *Conn) {
+	l.mu.Lock()
+	_, tracked := l.conns[c]
+	revoke := tracked && !l.stillAccepted(c)
+	if revoke {
+		delete(l.conns, c)
+	} else if q, _ := l.cfg.Keyring.ByKey(c.state.PeerKey); tracked && q.PublicKey == c.state.PeerKey && !q.NextKey.IsZero() {
+		l.conns[c] = time.AfterFunc(max(q.OverlapUntil.Sub(l.cfg.now()), time.Second), func() { l.recheck(c) })
+	}
+	l.mu.Unlock()
+	if revoke {
+		l.cfg.logger().Warn("noisetor: the overlap of a rotated key has ended; closing a connection authenticated with the old key",
+			"peer", c.state.Peer.Name, "key_fingerprint", c.state.PeerKey.Fingerprint())
+		c.revoke()
+	}
 }
 
 // keyringChanged logs the change and closes the connections of every peer
 // whose entry is gone.
 func (l *liveConns) keyringChanged(change KeyringChange) {
 	attrs := []any{"old_fingerprint", change.OldFingerprint, "new_fingerprint", change.NewFingerprint}
+	entry := func(p Peer) []any {
+		a := []any{"peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()}
+		if !p.NextKey.IsZero() {
+			a = append(a, "next_key_fingerprint", p.NextKey.Fingerprint(), "overlap_until", p.OverlapUntil)
+		}
+		return a
+	}
 	for _, p := range change.Added {
-		attrs = append(attrs, slog.Group("added", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
+		attrs = append(attrs, slog.Group("added", entry(p)...))
 	}
 	for _, p := range change.Removed {
-		attrs = append(attrs, slog.Group("removed", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
+		attrs = append(attrs, slog.Group("removed", entry(p)...))
 	}
 	l.cfg.logger().Log(context.Background(), slog.LevelInfo, "noisetor: keyring changed", attrs...)
 
 	var revoked []*Conn
 	l.mu.Lock()
-	for c := range l.conns {
-		p := c.state.Peer
-		if q, ok := l.cfg.Keyring.ByKey(p.PublicKey); !ok || q.Name != p.Name {
+	for c, t := range l.conns {
+		if !l.stillAccepted(c) {
+			if t != nil {
+				t.Stop()
+			}
 			revoked = append(revoked, c)
 			delete(l.conns, c)
 		}
@@ -206,7 +255,7 @@ func (l *liveConns) keyringChanged(change KeyringChange) {
 	l.mu.Unlock()
 	for _, c := range revoked {
 		l.cfg.logger().Warn("noisetor: peer is no longer in the keyring; closing its connection",
-			"peer", c.state.Peer.Name, "key_fingerprint", c.state.Peer.PublicKey.Fingerprint())
+			"peer", c.state.Peer.Name, "key_fingerprint", c.state.PeerKey.Fingerprint())
 		c.revoke()
 	}
 }

@@ -123,9 +123,10 @@ func (k *pairKeys) findKK(ring *Keyring, pre *preamble, raw []byte, now time.Tim
 		return Peer{}, nil, 0, nil
 	}
 	// The keyring has the last word: a peer removed since the index was
-	// built is not accepted.
+	// built is not accepted, nor a key whose rotation overlap has ended (the
+	// index holds both keys of a rotating peer).
 	p, ok := ring.ByKey(match.peer)
-	if !ok {
+	if !ok || !p.accepts(match.peer, now) {
 		return Peer{}, nil, 0, nil
 	}
 	return p, match, window, nil
@@ -144,14 +145,19 @@ func (k *pairKeys) indexLocked(ring *Keyring, w uint64) error {
 			if p.PublicKey.Curve() != k.own.Curve() {
 				continue
 			}
-			if _, err := k.secretsLocked(p.PublicKey); err != nil {
-				var se *staticKeyError
-				if errors.As(err, &se) {
-					return err // our key failed: no index is better than a partial one
+			for _, key := range []PublicKey{p.PublicKey, p.NextKey} {
+				if key.IsZero() {
+					continue
 				}
-				continue // a peer key our DH refuses can never handshake anyway
+				if _, err := k.secretsLocked(key); err != nil {
+					var se *staticKeyError
+					if errors.As(err, &se) {
+						return err // our key failed: no index is better than a partial one
+					}
+					continue // a peer key our DH refuses can never handshake anyway
+				}
+				live[key] = true
 			}
-			live[p.PublicKey] = true
 		}
 		for pub := range k.pairs {
 			if !live[pub] {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/noisetor/noisetor"
 )
@@ -295,12 +296,13 @@ func fingerprintOf(arg string) (fp, what string, err error) {
 
 var keyringCmd = &command{
 	name:  "keyring",
-	args:  "add|remove|list|check KEYRING-FILE ...",
-	short: "add, remove, list and check the peers of a keyring file",
+	args:  "add|remove|rotate|list|check KEYRING-FILE ...",
+	short: "add, remove, rotate, list and check the peers of a keyring file",
 	long: `
 A keyring lists the peers a machine may talk to, one per line:
 
     <name> <public-key> [addr=<host:port>] [auth=<tor-client-auth-public-key>]
+           [next=<public-key> until=<time>]
 
   noisetor keyring add FILE NAME PUBLIC-KEY [--addr HOST:PORT] [--auth KEY]
       Add a peer, creating FILE if needed. The arguments may also be a
@@ -309,36 +311,54 @@ A keyring lists the peers a machine may talk to, one per line:
       Add every ceremony line read from standard input.
   noisetor keyring remove FILE NAME
       Remove the peer NAME.
+  noisetor keyring rotate FILE NAME NEW-PUBLIC-KEY --until TIME
+      Start a rotation of NAME's key: until TIME (RFC 3339, such as
+      2026-12-08T00:00:00Z, or a duration from now, such as 168h) both keys
+      are accepted, and NAME is dialed with its old key; from TIME on only
+      the new one. NAME answers to both meanwhile (serve --previous-key).
+  noisetor keyring rotate --finish FILE NAME
+      End NAME's rotation: the new key becomes its only key, and sessions
+      still using the old key end.
   noisetor keyring list FILE
       Print the peers with their fingerprints, and the keyring's fingerprint.
   noisetor keyring check FILE
       Parse FILE strictly; report the first bad line and exit 1 if any.
 
-Add and remove rewrite the file in canonical form (comments are not kept) and
+Add, remove and rotate rewrite the file in canonical form (comments are not kept) and
 print the keyring's new fingerprint on standard error.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(keyringAddOptions)
 		fs.StringVar(&o.addr, "addr", "", "add: `host:port` where the peer listens (an onion address, for Tor)")
 		fs.StringVar(&o.auth, "auth", "", "add: the peer's Tor client-auth public `key` (52 base32 characters)")
+		fs.StringVar(&o.until, "until", "", "rotate: the end of the overlap, an RFC 3339 `time` or a duration from now")
+		fs.BoolVar(&o.finish, "finish", false, "rotate: end the rotation, keeping only the new key")
 		return o
 	},
 	run: runKeyring,
 }
 
-type keyringAddOptions struct{ addr, auth string }
+type keyringAddOptions struct {
+	addr, auth, until string
+	finish            bool
+}
 
 func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	o := opts.(*keyringAddOptions)
 	if len(args) == 0 {
-		return usagef("missing subcommand: add, remove, list or check")
+		return usagef("missing subcommand: add, remove, rotate, list or check")
 	}
 	sub, args := args[0], args[1:]
 	if sub != "add" && (o.addr != "" || o.auth != "") {
 		return usagef("--addr and --auth are for 'keyring add'")
 	}
+	if sub != "rotate" && (o.until != "" || o.finish) {
+		return usagef("--until and --finish are for 'keyring rotate'")
+	}
 	switch sub {
 	case "add":
 		return keyringAdd(e, o, args)
+	case "rotate":
+		return keyringRotate(e, o, args)
 	case "remove", "rm":
 		if err := wantArgs(args, 2, 2, "the keyring file and the peer's name"); err != nil {
 			return err
@@ -360,7 +380,7 @@ func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		fmt.Fprintf(e.stdout, "%s: ok, %s, fingerprint %s\n", args[0], nPeers(kr.Len()), kr.Fingerprint())
 		return nil
 	}
-	return usagef("unknown keyring subcommand %s (want add, remove, list or check)", echoArg(sub))
+	return usagef("unknown keyring subcommand %s (want add, remove, rotate, list or check)", echoArg(sub))
 }
 
 // loadOrNewKeyring loads path, or returns an empty keyring if it does not
@@ -486,6 +506,9 @@ func keyringList(e *env, path string) error {
 			auth = "yes"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.Name, p.PublicKey.Fingerprint(), addr, auth, p.PublicKey)
+		if !p.NextKey.IsZero() {
+			fmt.Fprintf(tw, "  next key, until %s\t%s\t\t\t%s\n", p.OverlapUntil.Format(time.RFC3339), p.NextKey.Fingerprint(), p.NextKey)
+		}
 	}
 	tw.Flush()
 	fmt.Fprintf(e.stdout, "\n%s; keyring fingerprint: %s\n", nPeers(kr.Len()), kr.Fingerprint())

@@ -123,6 +123,46 @@ func (o *keyOptions) load() (key noisetor.StaticKey, close func(), err error) {
 	return nil, nil, usagef("which key? Use -k FILE or --pkcs11")
 }
 
+// previousKeyOptions select the key this machine is rotating away from
+// (Config.PreviousStaticKey): a file, or another key on the token of --pkcs11.
+type previousKeyOptions struct {
+	file, p11Key string
+}
+
+func (o *previousKeyOptions) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.file, "previous-key", "", "during a rotation of this machine's key: the old private key `file`;\nhandshakes addressed to it are still answered (-k is the new key)")
+	fs.StringVar(&o.p11Key, "previous-pkcs11-key", "", "like --previous-key, for the key with `label` on the token of --pkcs11")
+}
+
+// load opens the previous key, if one is given; nil if not.
+func (o *previousKeyOptions) load(current *keyOptions) (noisetor.StaticKey, func(), error) {
+	switch {
+	case o.file != "" && o.p11Key != "":
+		return nil, nil, usagef("use either --previous-key or --previous-pkcs11-key, not both")
+	case o.file != "":
+		k, err := noisetor.LoadPrivateKey(o.file)
+		if err != nil {
+			return nil, nil, err
+		}
+		return k, func() {}, nil
+	case o.p11Key != "":
+		if !current.p11.enabled {
+			return nil, nil, usagef("--previous-pkcs11-key needs --pkcs11")
+		}
+		cfg, err := current.p11.config()
+		if err != nil {
+			return nil, nil, err
+		}
+		cfg.KeyLabel, cfg.KeyID = o.p11Key, nil
+		k, err := openPKCS11(cfg, false)
+		if err != nil {
+			return nil, nil, err
+		}
+		return k, func() { k.Close() }, nil
+	}
+	return nil, func() {}, nil
+}
+
 // readLimited reads at most max bytes of path.
 func readLimited(path string, max int64) ([]byte, error) {
 	f, err := os.Open(path)

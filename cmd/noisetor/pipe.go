@@ -24,6 +24,7 @@ func init() {
 // linkOptions are the flags common to serve and connect.
 type linkOptions struct {
 	key      keyOptions
+	previous previousKeyOptions
 	keyring  string
 	patterns string
 	ciphers  string
@@ -61,18 +62,25 @@ func (o *linkOptions) config(e *env) (*noisetor.Config, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	previous, closePrevious, err := o.previous.load(&o.key)
+	if err != nil {
+		closeKey()
+		return nil, nil, err
+	}
+	closeKeys := func() { closePrevious(); closeKey() }
 	var logOut io.Writer = e.stderr
 	if o.quiet {
 		logOut = io.Discard
 	}
 	return &noisetor.Config{
-		StaticKey:        key,
-		Keyring:          kr,
-		Patterns:         pats,
-		CipherSuites:     ciphers,
-		HandshakeTimeout: o.timeout,
-		Logger:           slog.New(slog.NewTextHandler(logOut, nil)),
-	}, closeKey, nil
+		StaticKey:         key,
+		PreviousStaticKey: previous,
+		Keyring:           kr,
+		Patterns:          pats,
+		CipherSuites:      ciphers,
+		HandshakeTimeout:  o.timeout,
+		Logger:            slog.New(slog.NewTextHandler(logOut, nil)),
+	}, closeKeys, nil
 }
 
 func parsePatterns(s string) ([]noisetor.Pattern, error) {
@@ -129,10 +137,15 @@ it with 'noisetor connect' on the other machine to test a link.
 With --onion-key and a tor (--tor-data or --tor-control) it publishes an
 onion service and listens there; only peers with an auth= key in the keyring
 can reach it. Every connection attempt, refused ones included, is logged on
-standard error.`,
+standard error.
+
+While this machine's key is being rotated (keyring rotate), run it with -k
+NEW-KEY and --previous-key OLD-KEY: peers dial it with the old key until the
+overlap ends.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(serveOptions)
 		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
+		o.link.previous.register(fs)
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
 		o.onion.register(fs)
