@@ -655,6 +655,9 @@ func normalizePeer(p Peer) (Peer, error) {
 			return Peer{}, &peerError{ErrBadKey, fmt.Sprintf("peer %q: the next key is %s and the current one %s (a rotation keeps the curve)", p.Name, p.NextKey.Curve(), p.PublicKey.Curve())}
 		}
 		p.OverlapUntil = p.OverlapUntil.UTC().Truncate(time.Second)
+		if y := p.OverlapUntil.Year(); y < 2000 || y > 9999 {
+			return Peer{}, &peerError{ErrBadPeer, fmt.Sprintf("peer %q: until= must be in the years 2000 to 9999", p.Name)}
+		}
 	}
 	return p, nil
 }
