@@ -459,7 +459,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 			c.refusal = "preamble did not verify"
 			return fmt.Errorf("%w: KK preamble matches no keyring peer: the caller is not in our keyring, or has another public key for us (ours has fingerprint %s), or its clock is more than 10 minutes off", ErrUnknownPeer, keys.ownFingerprint)
 		}
-		if a, ok := c.conn.(interface{ announcedInitiator() PublicKey }); ok && !a.announcedInitiator().IsZero() && a.announcedInitiator() != p.PublicKey && a.announcedInitiator() != p.NextKey {
+		if a, ok := c.conn.(interface{ announcedInitiator() PublicKey }); ok && !a.announcedInitiator().IsZero() && a.announcedInitiator() != secrets.peer {
 			// A relayed stream whose preamble proves another key than the
 			// requester its INCOMING line named: whoever relays it (the
 			// sync server) gets the same refusal as a forger.

@@ -840,7 +840,7 @@ func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
 	session := slog.Uint64("session", id)
 
 	var tc *Conn
-	if err := reg.send("INCOMING " + token + " " + from.PublicKey.String()); err != nil {
+	if err := reg.send("INCOMING " + token + " " + c.ConnectionState().PeerKey.String()); err != nil {
 		reg.kill()
 	} else {
 		timer := time.NewTimer(s.acceptTimeout())
@@ -1107,7 +1107,9 @@ func (rc *RelayClient) Dial(ctx context.Context, peer string) (*Conn, error) {
 		rc.logDecision(slog.LevelWarn, "connect", peer, "failed", err.Error(), start)
 		return nil, err
 	}
-	reply, err := rc.request(ctx, outer, "CONNECT "+p.PublicKey.String(), peer)
+	// The key we address the peer with (its next key once a rotation's
+	// overlap is over): the sync server finds its entry by either key.
+	reply, err := rc.request(ctx, outer, "CONNECT "+p.DialKey(rc.Config.now()).String(), peer)
 	if err == nil && reply != "OK" {
 		err = fmt.Errorf("%w: unexpected reply to CONNECT", errRelayProtocol)
 	}
