@@ -274,3 +274,58 @@ func TestKeyRotationFinishedByUpdate(t *testing.T) {
 		t.Error("the old key still opens sessions after the rotation was finished")
 	}
 }
+
+// Through the sync server: a watchtower that has moved to its next key is
+// registered and reached during the overlap (the wallet still addresses its
+// old key) and after it (the next key).
+func TestKeyRotationThroughRelay(t *testing.T) {
+	until := time.Now().Add(24 * time.Hour).Truncate(time.Second)
+	clock := newRotationClock(until.Add(-time.Hour))
+	peers := newTestPeers(t, "sync", "wallet", "tower")
+	next, err := GenerateKey(X25519, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tower := peers["tower"]
+	rotating := Peer{Name: "tower", PublicKey: tower.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until}
+	for _, name := range []string{"sync", "wallet"} {
+		cfg := peers[name].cfg
+		cfg.Time = clock.now
+		ring := new(Keyring)
+		for _, p := range cfg.Keyring.Peers() {
+			if p.Name == "tower" {
+				p = rotating
+			}
+			if err := ring.Add(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cfg.Keyring.Update(ring)
+	}
+	tower.cfg.StaticKey, tower.cfg.PreviousStaticKey, tower.cfg.Time = next, tower.key, clock.now
+
+	n := &relayTestNet{peers: peers}
+	n.startServer(t, "127.0.0.1:0", relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}})
+	n.tower(t, "tower", relayEcho)
+	for _, phase := range []struct {
+		name string
+		at   time.Time
+		key  PublicKey
+	}{{"during the overlap", until.Add(-time.Hour), tower.key.PublicKey()}, {"after the overlap", until.Add(time.Hour), next.PublicKey()}} {
+		clock.set(phase.at)
+		c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+		if err != nil {
+			t.Fatalf("%s: Dial: %v", phase.name, err)
+		}
+		if got := c.ConnectionState().PeerKey; got != phase.key {
+			t.Errorf("%s: the wallet reached the tower's key %v, want %v", phase.name, got, phase.key)
+		}
+		c.Write([]byte("ping"))
+		buf := make([]byte, 4)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+			t.Errorf("%s: echo: %q, %v", phase.name, buf, err)
+		}
+		c.Close()
+	}
+}
