@@ -467,6 +467,15 @@ func parseKeyring(path string, r io.Reader) (*Keyring, error) {
 		return nil, &KeyringError{Path: path, Err: &peerError{ErrBadPeer, "file is larger than 1 MiB"}}
 	}
 	data = bytes.TrimPrefix(data, []byte("\uFEFF")) // a byte order mark some editors add
+	if kind := secretFileKind(data); kind != "" {
+		// A key file given as the keyring: nothing leaked, say so rather
+		// than the advice for a key pasted into a keyring line below.
+		name := path
+		if name == "" {
+			name = "the input"
+		}
+		return nil, &KeyringError{Path: path, Err: wrongFile(name, kind, "a keyring").inKeyring()}
+	}
 
 	k := new(Keyring)
 	nameLine := make(map[string]int)

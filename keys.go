@@ -410,10 +410,19 @@ var ErrKeyFilePermissions = errors.New("noisetor: secret file is not private")
 func LoadPrivateKey(path string) (*PrivateKey, error) {
 	text, err := readPrivateFile(path)
 	if err != nil {
+		if kind := sniffPublicFile(path); kind != "" && errors.Is(err, ErrKeyFilePermissions) {
+			return nil, wrongFile(path, kind, "a private key")
+		}
 		return nil, err
 	}
 	k, err := ParsePrivateKey(text)
 	if err != nil {
+		if kind := secretFileKind(text); kind != "" && kind != kindPrivateKey {
+			return nil, wrongFile(path, kind, "a private key")
+		}
+		if kind := publicFileKind(text); kind == kindKeyring {
+			return nil, wrongFile(path, kind, "a private key")
+		}
 		return nil, &contextError{path, err}
 	}
 	return k, nil
