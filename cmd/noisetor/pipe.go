@@ -129,7 +129,9 @@ it with 'noisetor connect' on the other machine to test a link.
 With --onion-key and a tor (--tor-data or --tor-control) it publishes an
 onion service and listens there; only peers with an auth= key in the keyring
 can reach it. Every connection attempt, refused ones included, is logged on
-standard error.`,
+standard error.
+
+` + reloadHelp,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(serveOptions)
 		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
@@ -151,6 +153,11 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		return err
 	}
 	defer closeKey()
+	reloadLog := cfg.Logger
+	if o.link.quiet { // -q silences connection attempts, not a keyring that failed to reload
+		reloadLog = slog.New(slog.NewTextHandler(e.stderr, nil))
+	}
+	defer followKeyring(e.ctx, o.link.keyring, cfg.Keyring, reloadLog)()
 	tor, err := o.tor.start(e.ctx, cfg.Logger)
 	if err != nil {
 		return err
