@@ -1,11 +1,14 @@
 package noisetor
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 )
@@ -19,10 +22,11 @@ const (
 
 // A KeyringFile keeps a Keyring equal to a keyring file while a program
 // runs: Reload reads the file again on demand (a program calls it on
-// SIGHUP), and Watch does whenever the file changes. Each reload is a
-// LoadKeyring of Path followed, if that succeeded, by an Update of Keyring,
-// so a peer removed from the file loses its connections under every Config
-// that uses Keyring, and no new handshake with it succeeds. A reload that
+// SIGHUP), and Watch does whenever the file changes. Each reload reads the
+// file with the checks and errors of LoadKeyring and, if that succeeded,
+// Updates Keyring, so a peer removed from the file loses its connections
+// under every Config that uses Keyring, and no new handshake with it
+// succeeds. A reload that
 // fails (a bad line, a file that others may write, a missing file) changes
 // nothing: the old keyring stays in force, and the error, which names the
 // bad line, is logged at Error level. A reload that changes the keyring is
@@ -128,15 +132,14 @@ func (f *KeyringFile) Reload() (KeyringChange, error) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.reloadLocked(observeKeyringFile(f.Path))
+	return f.reloadLocked(readKeyringFile(f.Path))
 }
 
-// reloadLocked loads the file, which looked like state a moment ago, and
-// applies it. f.mu must be held.
-func (f *KeyringFile) reloadLocked(state [32]byte) (KeyringChange, error) {
-	f.seen, f.haveSeen = state, true
+// reloadLocked applies the file as read. f.mu must be held.
+func (f *KeyringFile) reloadLocked(st keyringFileState) (KeyringChange, error) {
+	f.seen, f.haveSeen = st.sum, true
 	log := f.logger()
-	next, err := LoadKeyring(f.Path)
+	next, err := st.keyring(f.Path)
 	if err != nil {
 		f.failed = true
 		attrs := []any{"path", f.Path, "fingerprint", f.Keyring.Fingerprint(), "error", err.Error()}
@@ -201,45 +204,73 @@ func (f *KeyringFile) Watch(ctx context.Context) error {
 			return ctx.Err()
 		case <-t.C:
 		}
-		state := observeKeyringFile(f.Path)
+		st := readKeyringFile(f.Path)
 		f.mu.Lock()
 		switch {
-		case f.haveSeen && state == f.seen:
+		case f.haveSeen && st.sum == f.seen:
 			havePending = false
 			t.Reset(interval)
-		case settle < 0 || havePending && state == pending:
-			f.reloadLocked(state)
+		case settle < 0 || havePending && st.sum == pending:
+			f.reloadLocked(st) // the bytes just read: what settled, not what the file holds by now
 			havePending = false
 			t.Reset(interval)
 		default:
-			pending, havePending = state, true
+			pending, havePending = st.sum, true
 			t.Reset(settle)
 		}
 		f.mu.Unlock()
 	}
 }
 
-// observeKeyringFile returns a digest of what LoadKeyring would find at
-// path now: the file's bytes, or the error opening or reading it. Two
-// equal digests mean the file did not change in between (a reload only
-// when the digest changes does not depend on timestamps, which some file
-// systems keep to the second and cp -p sets back).
-func observeKeyringFile(path string) [32]byte {
-	h := sha256.New()
+// A keyringFileState is what a keyring file held when read: its bytes, or
+// the error opening or reading it, and a digest of either. Two equal
+// digests mean the file did not change in between (comparing contents, not
+// timestamps, which some file systems keep to the second and cp -p sets
+// back).
+type keyringFileState struct {
+	sum  [32]byte
+	data []byte
+	err  error
+}
+
+// readKeyringFile reads path as LoadKeyring does.
+func readKeyringFile(path string) keyringFileState {
+	var st keyringFileState
 	f, err := openChecked(path, trustFile)
 	if err == nil {
-		h.Write([]byte("contents\x00"))
-		_, err = io.Copy(h, io.LimitReader(f, maxKeyringSize+1))
+		st.data, err = io.ReadAll(io.LimitReader(f, maxKeyringSize+1))
 		f.Close()
+		if err != nil {
+			err = &KeyringError{Path: path, Err: err}
+		}
+	} else {
+		// As LoadKeyring reports it.
+		var ue *unsafeFileError
+		if errors.As(err, &ue) {
+			err = &KeyringError{Path: path, Err: &peerError{ue, strings.TrimPrefix(ue.Error(), "noisetor: ")}}
+		} else {
+			err = fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
+		}
 	}
+	h := sha256.New()
 	if err != nil {
-		h.Reset()
+		st.err = err
 		h.Write([]byte("error\x00"))
 		h.Write([]byte(err.Error()))
+	} else {
+		h.Write([]byte("contents\x00"))
+		h.Write(st.data)
 	}
-	var sum [32]byte
-	h.Sum(sum[:0])
-	return sum
+	h.Sum(st.sum[:0])
+	return st
+}
+
+// keyring parses the bytes read, as LoadKeyring does.
+func (st keyringFileState) keyring(path string) (*Keyring, error) {
+	if st.err != nil {
+		return nil, st.err
+	}
+	return parseKeyring(path, bytes.NewReader(st.data))
 }
 
 // watched reports whether some Config watches k for changes (liveConns in

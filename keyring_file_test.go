@@ -390,6 +390,34 @@ func TestKeyringFileReload(t *testing.T) {
 		t.Errorf("%d changes logged, want 1:\n%s", n, logs.String())
 	}
 
+	// The errors are LoadKeyring's, which reads the file the same way.
+	for _, c := range []struct {
+		name string
+		prep func()
+	}{
+		{"missing", func() { os.Remove(path) }},
+		{"writable by others", func() { next.Save(path); os.Chmod(path, 0o666) }},
+		{"bad line", func() { os.WriteFile(path, []byte("# x\n\nbob x25519:AAAA\n"), 0o644) }},
+		{"too large", func() { os.WriteFile(path, bytes.Repeat([]byte("#\n"), maxKeyringSize), 0o644) }},
+		{"a directory", func() { os.Remove(path); os.Mkdir(path, 0o755) }},
+	} {
+		c.prep()
+		_, want := LoadKeyring(path)
+		_, got := kf.Reload()
+		if want == nil || got == nil || got.Error() != want.Error() || errors.Is(got, ErrUnsafeFile) != errors.Is(want, ErrUnsafeFile) ||
+			errors.Is(got, os.ErrNotExist) != errors.Is(want, os.ErrNotExist) {
+			t.Errorf("%s: Reload error %v, LoadKeyring error %v", c.name, got, want)
+		}
+		var kw, kg *KeyringError
+		if errors.As(want, &kw) != errors.As(got, &kg) || kw != nil && kw.Line != kg.Line {
+			t.Errorf("%s: Reload error %#v, LoadKeyring error %#v", c.name, got, want)
+		}
+		if ring.Fingerprint() != next.Fingerprint() {
+			t.Fatalf("%s: a failed reload changed the keyring", c.name)
+		}
+	}
+	os.Remove(path)
+
 	if _, err := (&KeyringFile{Keyring: ring}).Reload(); err == nil || !strings.HasPrefix(err.Error(), "noisetor: ") {
 		t.Errorf("Reload without a Path: %v", err)
 	}
