@@ -46,6 +46,9 @@ func newFileRig(t *testing.T, interval, settle time.Duration) *fileRig {
 			t.Errorf("Watch returned %v, want context.Canceled", err)
 		}
 	})
+	// Watch reads the file at once and applies it after Settle; from then
+	// on it polls every Interval.
+	r.waitLog(t, "keyring file reloaded, unchanged", 5*time.Second)
 	return r
 }
 
