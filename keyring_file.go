@@ -59,7 +59,7 @@ const (
 // changed on a network file system, where change events from other machines
 // do not arrive. It needs no extra dependency in a program that decides whom
 // a custody system trusts, and nothing platform-specific. Its price is a
-// delay of at most Interval plus Settle (0.6s by default) and one open
+// delay of up to Interval plus twice Settle (0.7s by default) and one open
 // and read of a small file per Interval (the file is parsed only when its
 // bytes changed); for an immediate reload, call Reload.
 //
@@ -67,9 +67,11 @@ const (
 // so a file caught half-written by a non-atomic write, or missing for a
 // moment while it is replaced, is not applied and not reported: even a
 // partial file that happens to parse (cut at the end of a line, or empty
-// just after truncation) would remove peers. A file that stays bad is
-// reported once, not at every poll. Reload does not wait: the operator who
-// asks for it has finished writing the file.
+// just after truncation) would remove peers. That holds for a writer that
+// pauses less than Settle between its writes; a file replaced by a rename
+// (as Keyring.Save and the noisetor command do) is safe whatever the timing.
+// A file that stays bad is reported once, not at every poll. Reload does not
+// wait: the operator who asks for it has finished writing the file.
 //
 // The zero value of each field but Path and Keyring is a sensible default.
 // Reload and Watch may be called concurrently; reloads are serialized. A
