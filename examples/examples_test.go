@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -52,7 +53,7 @@ func run(t *testing.T, dir, exe string, args ...string) string {
 }
 
 // start starts a long-running example and waits until its log says ready.
-func start(t *testing.T, dir, exe, ready string, args ...string) {
+func start(t *testing.T, dir, exe, ready string, args ...string) *exec.Cmd {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := exec.CommandContext(ctx, exe, args...)
@@ -88,7 +89,7 @@ func start(t *testing.T, dir, exe, ready string, args ...string) {
 					for range lines {
 					}
 				}()
-				return
+				return cmd
 			}
 		case <-timeout:
 			t.Fatalf("%s did not log %q:\n%s", filepath.Base(exe), ready, strings.Join(log, "\n"))
@@ -126,7 +127,7 @@ func TestExamples(t *testing.T) {
 	add("wallet", "syncserver", "--addr", syncAddr)
 	add("wallet", "watchtower")
 
-	start(t, dir, cosigner, "cosigner: serving", "-listen", cosAddr)
+	cos := start(t, dir, cosigner, "cosigner: serving", "-listen", cosAddr)
 	start(t, dir, syncserver, "syncserver: serving", "-listen", syncAddr)
 	start(t, dir, watchtower, "watchtower: registered")
 
@@ -144,6 +145,30 @@ func TestExamples(t *testing.T) {
 			t.Errorf("wallet output lacks %q:\n%s", want, out)
 		}
 	}
+
+	// The co-signer follows its keyring file (and reloads it on SIGHUP,
+	// which must not end it): the wallet removed is refused, the wallet
+	// put back is served again.
+	walletRuns := func(wantOK bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			cmd := exec.Command(wallet)
+			cmd.Dir = dir
+			out, err := cmd.CombinedOutput()
+			if (err == nil) == wantOK {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("wallet, want success %v: %v\n%s", wantOK, err, out)
+			}
+		}
+	}
+	run(t, dir, noisetor, "keyring", "remove", "cosigner.keyring", "wallet")
+	cos.Process.Signal(syscall.SIGHUP)
+	walletRuns(false)
+	add("cosigner", "wallet")
+	cos.Process.Signal(syscall.SIGHUP)
+	walletRuns(true)
 
 	// A wallet whose key the servers do not know gets nothing.
 	os.Rename(filepath.Join(dir, "wallet.key"), filepath.Join(dir, "wallet.key.real"))

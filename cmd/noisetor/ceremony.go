@@ -296,8 +296,8 @@ func fingerprintOf(arg string) (fp, what string, err error) {
 
 var keyringCmd = &command{
 	name:  "keyring",
-	args:  "add|remove|rotate|list|check KEYRING-FILE ...",
-	short: "add, remove, rotate, list and check the peers of a keyring file",
+	args:  "add|remove|rotate|list|check|diff KEYRING-FILE ...",
+	short: "add, remove, rotate, list, check and compare the peers of keyring files",
 	long: `
 A keyring lists the peers a machine may talk to, one per line:
 
@@ -323,6 +323,13 @@ A keyring lists the peers a machine may talk to, one per line:
       Print the peers with their fingerprints, and the keyring's fingerprint.
   noisetor keyring check FILE
       Parse FILE strictly; report the first bad line and exit 1 if any.
+  noisetor keyring diff OLD NEW
+      Print the peers added, removed and changed from OLD to NEW (either
+      may be -, standard input) with their key fingerprints (old and new
+      for a changed key) and other changed fields, then both keyrings'
+      fingerprints, to read to each other on the phone before installing
+      NEW. Exit status as diff(1): 0 if the keyrings list the same peers,
+      1 if they differ, 2 if a file cannot be read or parsed.
 
 Add, remove and rotate rewrite the file in canonical form (comments are not kept) and
 print the keyring's new fingerprint on standard error.`,
@@ -345,7 +352,7 @@ type keyringAddOptions struct {
 func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	o := opts.(*keyringAddOptions)
 	if len(args) == 0 {
-		return usagef("missing subcommand: add, remove, rotate, list or check")
+		return usagef("missing subcommand: add, remove, rotate, list, check or diff")
 	}
 	sub, args := args[0], args[1:]
 	if sub != "add" && (o.addr != "" || o.auth != "") {
@@ -379,8 +386,13 @@ func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		}
 		fmt.Fprintf(e.stdout, "%s: ok, %s, fingerprint %s\n", args[0], nPeers(kr.Len()), kr.Fingerprint())
 		return nil
+	case "diff":
+		if err := wantArgs(args, 2, 2, "the old and the new keyring file"); err != nil {
+			return err
+		}
+		return keyringDiff(e, args[0], args[1])
 	}
-	return usagef("unknown keyring subcommand %s (want add, remove, rotate, list or check)", echoArg(sub))
+	return usagef("unknown keyring subcommand %s (want add, remove, rotate, list, check or diff)", echoArg(sub))
 }
 
 // loadOrNewKeyring loads path, or returns an empty keyring if it does not

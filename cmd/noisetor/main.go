@@ -13,7 +13,8 @@
 //
 // Run "noisetor help" for the list of commands and "noisetor <command> --help"
 // for one command. Exit status: 0 on success, 1 when the operation failed,
-// 2 on a usage error.
+// 2 on a usage error; 'keyring diff' exits as diff(1) does: 0 when the
+// keyrings are the same, 1 when they differ, 2 on trouble.
 package main
 
 import (
@@ -155,12 +156,18 @@ func runCommand(e *env, c *command, args []string) int {
 	}
 	err = c.run(e, fs, opts, pos)
 	var ue *usageError
+	var xe *exitError
 	switch {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &ue):
 		fmt.Fprintf(e.stderr, "noisetor %s: %s\nRun 'noisetor %s --help' for usage.\n", c.name, scrubSecrets(ue.msg, args), c.name)
 		return exitUsage
+	case errors.As(err, &xe):
+		if xe.err != nil {
+			fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, scrubSecrets(errorText(xe.err), args))
+		}
+		return xe.code
 	default:
 		fmt.Fprintf(e.stderr, "noisetor %s: %s\n", c.name, scrubSecrets(errorText(err), args))
 		return exitFail
@@ -226,6 +233,22 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error {
 	return &usageError{fmt.Sprintf(format, args...)}
 }
+
+// An exitError ends a command with exit status code instead of exitFail,
+// printing err first if it is not nil ('keyring diff' exits as diff(1)).
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("exit status %d", e.code)
+	}
+	return e.err.Error()
+}
+
+func (e *exitError) Unwrap() error { return e.err }
 
 // parseInterspersed parses fs from args and returns the positional
 // arguments, allowing flags after them ("keyring add f name key --addr x"),
@@ -298,7 +321,8 @@ Commands:
 	}
 	fmt.Fprint(w, `
 Run 'noisetor <command> --help' for the flags of a command.
-Exit status: 0 on success, 1 when the operation failed, 2 on a usage error.
+Exit status: 0 on success, 1 when the operation failed, 2 on a usage error
+('keyring diff': 0 same, 1 different, 2 trouble, as diff(1)).
 `)
 }
 

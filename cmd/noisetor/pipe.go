@@ -141,7 +141,9 @@ standard error.
 
 While this machine's key is being rotated (keyring rotate), run it with -k
 NEW-KEY and --previous-key OLD-KEY: peers dial it with the old key until the
-overlap ends.`,
+overlap ends.
+
+` + reloadHelp,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(serveOptions)
 		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
@@ -164,6 +166,11 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		return err
 	}
 	defer closeKey()
+	reloadLog := cfg.Logger
+	if o.link.quiet { // -q silences connection attempts, not a keyring that failed to reload
+		reloadLog = slog.New(slog.NewTextHandler(e.stderr, nil))
+	}
+	defer followKeyring(e.ctx, o.link.keyring, cfg.Keyring, reloadLog)()
 	tor, err := o.tor.start(e.ctx, cfg.Logger)
 	if err != nil {
 		return err

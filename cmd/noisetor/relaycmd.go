@@ -37,7 +37,9 @@ carries only ciphertext. Every relay decision and connection attempt is logged
 on standard error. With --pkcs11 the sync server's key is on a token and the
 configuration has no key line. With --onion-key and a tor it also publishes
 the listen address as an onion service. With --check it only checks the configuration.
-It runs until interrupted.`,
+It runs until interrupted.
+
+` + reloadHelp,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(relayOptions)
 		fs.BoolVar(&o.check, "check", false, "check the configuration, keys and keyring, then exit")
@@ -81,6 +83,7 @@ func runRelay(e *env, _ *flag.FlagSet, opts any, args []string) error {
 			args[0], nPeers(srv.Config.Keyring.Len()), srv.Config.Keyring.Fingerprint(), len(rc.Rules))
 		return nil
 	}
+	defer followKeyring(e.ctx, rc.KeyringFile, srv.Config.Keyring, log)()
 	tor, err := o.tor.start(e.ctx, log)
 	if err != nil {
 		return err

@@ -29,13 +29,14 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"syscall"
 
 	"github.com/noisetor/noisetor"
 )
 
 func main() {
 	keyFile := flag.String("key", "cosigner.key", "this server's static key file")
-	keyringFile := flag.String("keyring", "cosigner.keyring", "keyring: the wallets that may connect")
+	keyringFile := flag.String("keyring", "cosigner.keyring", "keyring: the wallets that may connect (reloaded on SIGHUP and when the file changes)")
 	listen := flag.String("listen", "127.0.0.1:9000", "TCP address to listen on, without -onion-key")
 	onionKey := flag.String("onion-key", "", "onion service key file; empty: serve on plain TCP")
 	onionPort := flag.Int("onion-port", 9000, "the onion service's port")
@@ -53,6 +54,19 @@ func main() {
 		log.Fatal(err)
 	}
 	cfg := &noisetor.Config{StaticKey: key, Keyring: keyring}
+
+	// Keep the keyring equal to its file: reload it when the file changes
+	// and on SIGHUP. A peer removed from the file loses its connections at
+	// once; a file that fails to load is logged and changes nothing.
+	kf := &noisetor.KeyringFile{Path: *keyringFile, Keyring: keyring}
+	go kf.Watch(ctx)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		for range hup {
+			kf.Reload()
+		}
+	}()
 
 	var inner net.Listener
 	if *onionKey != "" {

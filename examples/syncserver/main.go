@@ -22,13 +22,14 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"syscall"
 
 	"github.com/noisetor/noisetor"
 )
 
 func main() {
 	keyFile := flag.String("key", "syncserver.key", "this server's static key file")
-	keyringFile := flag.String("keyring", "syncserver.keyring", "keyring: every wallet and watchtower served")
+	keyringFile := flag.String("keyring", "syncserver.keyring", "keyring: every wallet and watchtower served (reloaded on SIGHUP and when the file changes)")
 	allow := flag.String("allow", "wallet*=watchtower*", "comma-separated FROM=TO rules of who may reach whom ('*' wildcards)")
 	listen := flag.String("listen", "127.0.0.1:7400", "TCP address to listen on, without -onion-key")
 	onionKey := flag.String("onion-key", "", "onion service key file; empty: serve on plain TCP")
@@ -58,6 +59,19 @@ func main() {
 		log.Fatal(err) // a rule that matches nobody is most likely a typo
 	}
 	cfg := &noisetor.Config{StaticKey: key, Keyring: keyring}
+
+	// Keep the keyring equal to its file: reload it when the file changes
+	// and on SIGHUP. A peer removed from the file loses its connections at
+	// once; a file that fails to load is logged and changes nothing.
+	kf := &noisetor.KeyringFile{Path: *keyringFile, Keyring: keyring}
+	go kf.Watch(ctx)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		for range hup {
+			kf.Reload()
+		}
+	}()
 
 	var inner net.Listener
 	if *onionKey != "" {

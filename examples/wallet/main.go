@@ -11,7 +11,9 @@
 //	noisetor keyring add wallet.keyring watchtower x25519:...
 //	go run ./examples/wallet -tor-data wallet-tor -client-auth-key wallet.auth-key
 //
-// Without -tor-data it dials over plain TCP.
+// Without -tor-data it dials over plain TCP. It runs once and exits, so it
+// reads its keyring once; a long-running client keeps it equal to the file
+// with noisetor.KeyringFile, as the cosigner does.
 package main
 
 import (

@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/noisetor/noisetor"
@@ -28,7 +29,7 @@ import (
 
 func main() {
 	keyFile := flag.String("key", "watchtower.key", "this watchtower's static key file")
-	keyringFile := flag.String("keyring", "watchtower.keyring", "keyring: the sync server (with its addr=) and the wallets served")
+	keyringFile := flag.String("keyring", "watchtower.keyring", "keyring: the sync server (with its addr=) and the wallets served (reloaded on SIGHUP and when the file changes)")
 	server := flag.String("server", "syncserver", "the sync server's name in the keyring")
 	torData := flag.String("tor-data", "", "tor's data directory; empty: dial the sync server over plain TCP")
 	clientAuth := flag.String("client-auth-key", "", "this machine's Tor client-authorization key file")
@@ -45,6 +46,19 @@ func main() {
 		log.Fatal(err)
 	}
 	cfg := &noisetor.Config{StaticKey: key, Keyring: keyring}
+
+	// Keep the keyring equal to its file: reload it when the file changes
+	// and on SIGHUP. A peer removed from the file loses its connections at
+	// once; a file that fails to load is logged and changes nothing.
+	kf := &noisetor.KeyringFile{Path: *keyringFile, Keyring: keyring}
+	go kf.Watch(ctx)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		for range hup {
+			kf.Reload()
+		}
+	}()
 
 	rc := &noisetor.RelayClient{Config: cfg, Server: *server}
 	if *torData != "" {
