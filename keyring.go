@@ -425,6 +425,16 @@ func (k *Keyring) Save(path string) (err error) {
 // matches ErrUnsafeFile and fs.ErrPermission and says which check failed
 // and the fix.
 func LoadKeyring(path string) (*Keyring, error) {
+	f, err := openKeyringFile(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return parseKeyring(path, f)
+}
+
+// openKeyringFile opens path after the checks of LoadKeyring.
+func openKeyringFile(path string) (*os.File, error) {
 	f, err := openChecked(path, trustFile)
 	if err != nil {
 		var ue *unsafeFileError
@@ -433,8 +443,7 @@ func LoadKeyring(path string) (*Keyring, error) {
 		}
 		return nil, fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
 	}
-	defer f.Close()
-	return parseKeyring(path, f)
+	return f, nil
 }
 
 // ParseKeyring reads a keyring in its text format: UTF-8, at most 1 MiB, lines

@@ -5,10 +5,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
-	"strings"
 	"sync"
 	"time"
 )
@@ -168,14 +166,7 @@ func (f *KeyringFile) reloadLocked(st keyringFileState) (KeyringChange, error) {
 		log.Log(context.Background(), level, "noisetor: keyring file reloaded, unchanged",
 			"path", f.Path, "fingerprint", change.NewFingerprint)
 	case !watched:
-		attrs := []any{"path", f.Path, "old_fingerprint", change.OldFingerprint, "new_fingerprint", change.NewFingerprint}
-		for _, p := range change.Added {
-			attrs = append(attrs, slog.Group("added", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
-		}
-		for _, p := range change.Removed {
-			attrs = append(attrs, slog.Group("removed", "peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()))
-		}
-		log.Info("noisetor: keyring changed", attrs...)
+		log.Info("noisetor: keyring changed", append([]any{"path", f.Path}, change.logAttrs()...)...)
 	}
 	return change, nil
 }
@@ -238,20 +229,12 @@ type keyringFileState struct {
 // readKeyringFile reads path as LoadKeyring does.
 func readKeyringFile(path string) keyringFileState {
 	var st keyringFileState
-	f, err := openChecked(path, trustFile)
+	f, err := openKeyringFile(path)
 	if err == nil {
 		st.data, err = io.ReadAll(io.LimitReader(f, maxKeyringSize+1))
 		f.Close()
 		if err != nil {
 			err = &KeyringError{Path: path, Err: err}
-		}
-	} else {
-		// As LoadKeyring reports it.
-		var ue *unsafeFileError
-		if errors.As(err, &ue) {
-			err = &KeyringError{Path: path, Err: &peerError{ue, strings.TrimPrefix(ue.Error(), "noisetor: ")}}
-		} else {
-			err = fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
 		}
 	}
 	h := sha256.New()

@@ -36,6 +36,25 @@ func (c KeyringChange) String() string {
 	return fmt.Sprintf("added [%s] removed [%s] fingerprint %s -> %s", names(c.Added), names(c.Removed), c.OldFingerprint, c.NewFingerprint)
 }
 
+// logAttrs are the attributes of the "keyring changed" log record.
+func (c KeyringChange) logAttrs() []any {
+	attrs := []any{"old_fingerprint", c.OldFingerprint, "new_fingerprint", c.NewFingerprint}
+	entry := func(p Peer) []any {
+		a := []any{"peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()}
+		if !p.NextKey.IsZero() {
+			a = append(a, "next_key_fingerprint", p.NextKey.Fingerprint(), "overlap_until", p.OverlapUntil)
+		}
+		return a
+	}
+	for _, p := range c.Added {
+		attrs = append(attrs, slog.Group("added", entry(p)...))
+	}
+	for _, p := range c.Removed {
+		attrs = append(attrs, slog.Group("removed", entry(p)...))
+	}
+	return attrs
+}
+
 // Remove removes the peer called name and returns its entry. From that
 // instant no new handshake with it succeeds, and every connection with it
 // established under a Config that uses this keyring is closed.
@@ -225,21 +244,7 @@ func (l *liveConns) recheck(c *Conn) {
 // keyringChanged logs the change and closes the connections of every peer
 // whose entry is gone.
 func (l *liveConns) keyringChanged(change KeyringChange) {
-	attrs := []any{"old_fingerprint", change.OldFingerprint, "new_fingerprint", change.NewFingerprint}
-	entry := func(p Peer) []any {
-		a := []any{"peer", p.Name, "key_fingerprint", p.PublicKey.Fingerprint()}
-		if !p.NextKey.IsZero() {
-			a = append(a, "next_key_fingerprint", p.NextKey.Fingerprint(), "overlap_until", p.OverlapUntil)
-		}
-		return a
-	}
-	for _, p := range change.Added {
-		attrs = append(attrs, slog.Group("added", entry(p)...))
-	}
-	for _, p := range change.Removed {
-		attrs = append(attrs, slog.Group("removed", entry(p)...))
-	}
-	l.cfg.logger().Log(context.Background(), slog.LevelInfo, "noisetor: keyring changed", attrs...)
+	l.cfg.logger().Log(context.Background(), slog.LevelInfo, "noisetor: keyring changed", change.logAttrs()...)
 
 	var revoked []*Conn
 	l.mu.Lock()
