@@ -265,9 +265,19 @@ func (l *liveConns) keyringChanged(change KeyringChange) {
 	}
 }
 
-// revoke ends c because its peer left the keyring: the socket is closed at
-// once, without a close record, so that the peer reads a truncation rather
-// than a clean end, and our side's Read and Write fail.
+// revoke ends c because its peer left the keyring: the underlying
+// connection is closed at once, and c is marked closed and broken first so
+// that nothing more is sent on it, a close record least of all (the peer
+// reads a truncation, not a clean end); our side's Read and Write fail.
+// A relayed stream is cut without its linger: the outer connection may stay
+// writable while lingering, and revoking must not wait.
 func (c *Conn) revoke() {
+	c.in.broken.Store(true)
+	c.activeCall.Or(1) // as Close: Writes and Close now return net.ErrClosed
+	if s, ok := c.conn.(*relayStream); ok {
+		s.setupDone()
+		s.Conn.Close()
+		return
+	}
 	c.conn.Close()
 }

@@ -148,3 +148,62 @@ func TestKeyringUpdateUnderHandshakes(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// Revocation through the sync server: a wallet removed from the sync
+// server's keyring loses its relayed session within a second and cannot
+// reach the watchtower again, and the watchtower's registration and another
+// wallet's session go on; removed from the watchtower's own keyring instead,
+// its session is cut by the watchtower, whatever the sync server does.
+func TestKeyringRemoveEndsRelayedSessions(t *testing.T) {
+	for _, remover := range []string{"sync", "tower"} {
+		t.Run("removed by "+remover, func(t *testing.T) {
+			n := newRelayTestNet(t, relayTestOpts{rules: RelayRules{{From: "*", To: "tower"}}}, "alice", "bob", "tower")
+			n.tower(t, "tower", relayEcho)
+			echo := func(c net.Conn) error {
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				if _, err := c.Write([]byte("ping")); err != nil {
+					return err
+				}
+				_, err := io.ReadFull(c, make([]byte, 4))
+				return err
+			}
+			sessions := map[string]net.Conn{}
+			for _, name := range []string{"alice", "bob"} {
+				c, err := n.client(name).Dial(relayCtx(t), "tower")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				if err := echo(c); err != nil {
+					t.Fatal(err)
+				}
+				sessions[name] = c
+			}
+
+			start := time.Now()
+			if _, err := n.peers[remover].cfg.Keyring.Remove("alice"); err != nil {
+				t.Fatal(err)
+			}
+			alice := sessions["alice"]
+			alice.SetReadDeadline(time.Now().Add(time.Second))
+			if _, err := alice.Read(make([]byte, 1)); err == nil || isTimeout(err) || errors.Is(err, io.EOF) {
+				t.Fatalf("the removed wallet's relayed session: Read = %v, want it cut within a second", err)
+			}
+			t.Logf("relayed session cut after %v", time.Since(start).Round(time.Millisecond))
+			if err := echo(sessions["bob"]); err != nil {
+				t.Fatalf("the other wallet's session: %v", err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if c, err := n.client("alice").Dial(ctx, "tower"); err == nil {
+				c.Close()
+				t.Fatal("the removed wallet reached the watchtower again")
+			}
+			c, err := n.client("bob").Dial(relayCtx(t), "tower")
+			if err != nil {
+				t.Fatalf("the other wallet's next session: %v", err)
+			}
+			c.Close()
+		})
+	}
+}
