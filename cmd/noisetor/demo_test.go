@@ -130,18 +130,7 @@ func TestRelayServes(t *testing.T) {
 	os.WriteFile(j("relay.conf"), []byte(conf), 0o600)
 
 	ctx, cancel := context.WithCancel(context.Background())
-	errw := newNotifyWriter(`serving on (\S+) `)
-	done := make(chan int, 1)
-	go func() {
-		done <- runContext(ctx, []string{"relay", j("relay.conf")}, strings.NewReader(""), io.Discard, errw)
-	}()
-	select {
-	case <-errw.match:
-	case c := <-done:
-		t.Fatalf("relay exited with %d: %s", c, errw)
-	case <-time.After(10 * time.Second):
-		t.Fatalf("relay did not start: %s", errw)
-	}
+	errw := startRelay(t, ctx, j("relay.conf"))
 
 	config := func(self string, peers ...string) *noisetor.Config {
 		k, err := noisetor.LoadPrivateKey(j(self + ".key"))
@@ -190,15 +179,7 @@ func TestRelayServes(t *testing.T) {
 		t.Error("a peer without an allow rule reached the tower")
 	}
 
-	cancel()
-	select {
-	case c := <-done:
-		if c != exitOK {
-			t.Errorf("relay exit status %d after interrupt: %s", c, errw)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("relay did not stop")
-	}
+	cancel() // the cleanup of startRelay checks that it exits cleanly
 	for _, want := range []string{"op=register", "op=connect", "outcome=denied"} {
 		if !strings.Contains(errw.String(), want) {
 			t.Errorf("relay log lacks %s:\n%s", want, errw)

@@ -115,6 +115,7 @@ func parseCiphers(s string) ([]noisetor.CipherSuite, error) {
 
 type serveOptions struct {
 	link   linkOptions
+	via    viaOptions
 	listen string
 	tor    torOptions
 	onion  onionOptions
@@ -139,6 +140,10 @@ onion service and listens there; only peers with an auth= key in the keyring
 can reach it. Every connection attempt, refused ones included, is logged on
 standard error.
 
+With --via SYNC it registers with the sync server SYNC (a keyring name;
+dialed at its addr=, over tor if one is given) instead of listening, and
+takes the first peer relayed to it: the watchtower's side of a relayed link.
+
 While this machine's key is being rotated (keyring rotate), run it with -k
 NEW-KEY and --previous-key OLD-KEY: peers dial it with the old key until the
 overlap ends.
@@ -148,6 +153,7 @@ overlap ends.
 		o := new(serveOptions)
 		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
 		o.link.previous.register(fs)
+		o.via.register(fs)
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
 		o.onion.register(fs)
@@ -178,11 +184,30 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	if tor != nil {
 		defer tor.Close()
 	}
-	inner, addr, err := o.onion.listen(e, tor, o.listen, cfg.Keyring)
-	if err != nil {
-		return err
+	var ln net.Listener
+	var addr string
+	if o.via.server != "" {
+		if o.onion.keyFile != "" {
+			return usagef("--via registers with a sync server: it takes no --onion-key")
+		}
+		rc, err := o.via.client(cfg, tor)
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(e.ctx, o.link.timeout)
+		ln, err = rc.Listen(ctx)
+		cancel()
+		if err != nil {
+			return err
+		}
+		addr = "sync server " + o.via.server
+	} else {
+		inner, a, err := o.onion.listen(e, tor, o.listen, cfg.Keyring)
+		if err != nil {
+			return err
+		}
+		ln, addr = noisetor.NewListener(inner, cfg), a
 	}
-	ln := noisetor.NewListener(inner, cfg)
 	defer ln.Close()
 	fmt.Fprintf(e.stderr, "noisetor serve: listening on %s as %s (fingerprint %s)\n",
 		addr, cfg.StaticKey.PublicKey(), cfg.StaticKey.PublicKey().Fingerprint())
@@ -205,6 +230,7 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 
 type connectOptions struct {
 	link       linkOptions
+	via        viaOptions
 	peer       string
 	socks      string
 	tor        torOptions
@@ -213,7 +239,7 @@ type connectOptions struct {
 
 var connectCmd = &command{
 	name:  "connect",
-	args:  "-k KEYFILE -r KEYRING [--peer NAME] [--socks ADDR] PEER|ADDR",
+	args:  "-k KEYFILE -r KEYRING [--peer NAME] [--socks ADDR] [--via SYNC] PEER|ADDR",
 	short: "dial a peer over noisetor and pipe it to stdin and stdout",
 	long: `
 Connect dials a peer, completes the handshake, then copies standard input to
@@ -224,13 +250,16 @@ must be some peer's addr=, or --peer must name the peer expected there.
 With --tor-data or --tor-control the connection goes through tor, isolated
 from other peers' circuits, and --client-auth-key registers this machine's
 client-authorization key for the onion service. --socks uses a plain SOCKS5
-port instead. As with serve, each direction ends on its own, and connect
+port instead. With --via SYNC the connection is relayed by the sync server
+SYNC (a keyring name), and PEER must be a keyring name: the wallet's side of
+a relayed link, end-to-end encrypted past the sync server. As with serve, each direction ends on its own, and connect
 exits when both have: status 0 if all of standard input was sent and the peer
 closed its side cleanly, 1 if the handshake failed, the stream was cut or not
 all input could be sent.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(connectOptions)
 		o.link.register(fs, "kk")
+		o.via.register(fs)
 		fs.StringVar(&o.peer, "peer", "", "the keyring `name` of the peer at the address")
 		fs.StringVar(&o.socks, "socks", "", "dial through the Tor SOCKS5 proxy at `host:port` (such as 127.0.0.1:9050)")
 		o.tor.register(fs)
@@ -250,6 +279,9 @@ func runConnect(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		return err
 	}
 	defer closeKey()
+	if o.via.server != "" {
+		return connectVia(e, o, cfg, args[0])
+	}
 	addr, name := args[0], o.peer
 	if p, ok := cfg.Keyring.ByName(args[0]); ok {
 		if p.Address == "" {
@@ -299,6 +331,70 @@ func runConnect(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	conn := c.(*noisetor.Conn)
 	st := conn.ConnectionState()
 	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s at %s (%s, %s)\n", st.Peer.Name, addr, st.Pattern, st.CipherSuite)
+	return pipe(e, conn)
+}
+
+// viaOptions select a sync server to relay through (serve and connect).
+type viaOptions struct {
+	server, addr string
+}
+
+func (o *viaOptions) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.server, "via", "", "relay through the sync server with keyring `name` SYNC (WIRE.md §12)")
+	fs.StringVar(&o.addr, "via-addr", "", "the sync server's `host:port` (default: its addr= in the keyring)")
+}
+
+// client returns the relay client of o, over tor if it is running.
+func (o *viaOptions) client(cfg *noisetor.Config, tor *noisetor.Tor) (*noisetor.RelayClient, error) {
+	if _, ok := cfg.Keyring.ByName(o.server); !ok {
+		return nil, fmt.Errorf("--via %s: the keyring has no peer of that name (the sync server must be listed, with its addr=)", echoArg(o.server))
+	}
+	rc := &noisetor.RelayClient{Config: cfg, Server: o.server, Address: o.addr}
+	if tor != nil {
+		rc.NetDialer = &noisetor.TorDialer{Tor: tor}
+	}
+	return rc, nil
+}
+
+// connectVia is connect through a sync server.
+func connectVia(e *env, o *connectOptions, cfg *noisetor.Config, peer string) error {
+	switch {
+	case o.socks != "":
+		return usagef("--via takes a tor (--tor-data, --tor-control), not --socks")
+	case o.peer != "" && o.peer != peer:
+		return usagef("--peer %s contradicts the peer named by the argument, %s", echoArg(o.peer), echoArg(peer))
+	}
+	if _, ok := cfg.Keyring.ByName(peer); !ok {
+		return fmt.Errorf("%s is not a peer in %s: through a sync server, name the peer", echoArg(peer), o.link.keyring)
+	}
+	tor, err := o.tor.start(e.ctx, cfg.Logger)
+	if err != nil {
+		return err
+	}
+	if tor != nil {
+		defer tor.Close()
+	}
+	rc, err := o.via.client(cfg, tor)
+	if err != nil {
+		return err
+	}
+	if o.clientAuth != "" {
+		if tor == nil {
+			return usagef("--client-auth-key needs --tor-data or --tor-control")
+		}
+		td := rc.NetDialer.(*noisetor.TorDialer)
+		if td.ClientAuth, err = noisetor.LoadClientAuthKey(o.clientAuth); err != nil {
+			return err
+		}
+	}
+	ctx, cancel := context.WithTimeout(e.ctx, o.link.timeout)
+	conn, err := rc.Dial(ctx, peer)
+	cancel()
+	if err != nil {
+		return err
+	}
+	st := conn.ConnectionState()
+	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s through sync server %s (%s, %s)\n", st.Peer.Name, o.via.server, st.Pattern, st.CipherSuite)
 	return pipe(e, conn)
 }
 

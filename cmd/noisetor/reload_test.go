@@ -184,18 +184,7 @@ func TestRelayReloadsKeyring(t *testing.T) {
 	os.WriteFile(j("relay.conf"), []byte("listen "+addr+"\nkey sync.key\nkeyring sync.keyring\nallow wallet tower\n"), 0o600)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	errw := newNotifyWriter(`serving on (\S+) `)
-	done := make(chan int, 1)
-	go func() {
-		done <- runContext(ctx, []string{"relay", j("relay.conf")}, strings.NewReader(""), io.Discard, errw)
-	}()
-	select {
-	case <-errw.match:
-	case c := <-done:
-		t.Fatalf("relay exited with %d: %s", c, errw)
-	case <-time.After(10 * time.Second):
-		t.Fatalf("relay did not start: %s", errw)
-	}
+	errw := startRelay(t, ctx, j("relay.conf"))
 	os.WriteFile(j("tower.keyring"), []byte(strings.TrimSpace(line["sync"])+" addr="+addr+"\n"+line["wallet"]), 0o644)
 	tower := &noisetor.RelayClient{Config: libConfig(t, j("tower.key"), j("tower.keyring")), Server: "sync"}
 	ln, err := tower.Listen(ctx)
@@ -209,13 +198,5 @@ func TestRelayReloadsKeyring(t *testing.T) {
 	hup()
 	waitFor(t, errw, "no longer in the keyring")
 	mustHave(t, errw.String(), "SIGHUP: reloading the keyring file", "removed.peer=tower")
-	cancel()
-	select {
-	case c := <-done:
-		if c != exitOK {
-			t.Errorf("relay exit status %d: %s", c, errw)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("relay did not stop")
-	}
+	cancel() // the cleanup of startRelay checks that it exits cleanly
 }

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// startRelay runs "noisetor relay conf" until ctx ends and returns its live
+// standard error once it serves; the cleanup checks that it exited cleanly.
+func startRelay(t *testing.T, ctx context.Context, conf string) *notifyWriter {
+	t.Helper()
+	errw := newNotifyWriter(`serving on (\S+) `)
+	done := make(chan int, 1)
+	go func() {
+		done <- runContext(ctx, []string{"relay", conf}, strings.NewReader(""), io.Discard, errw)
+	}()
+	select {
+	case <-errw.match:
+	case c := <-done:
+		t.Fatalf("relay exited with %d: %s", c, errw)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("relay did not start: %s", errw)
+	}
+	t.Cleanup(func() {
+		select {
+		case c := <-done:
+			if c != exitOK {
+				t.Errorf("relay exit status %d: %s", c, errw)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("relay did not stop")
+		}
+	})
+	return errw
+}
+
+// relayCeremony makes the keys of a sync server and of the given peers, the
+// sync server's keyring and relay.conf (allowing wallet to reach tower), and
+// for each peer a keyring listing the sync server (at addr) and the others.
+func relayCeremony(t *testing.T, dir string, peers ...string) (relayConf, addr string) {
+	t.Helper()
+	j := func(n string) string { return filepath.Join(dir, n) }
+	line := map[string]string{}
+	for _, r := range append([]string{"sync"}, peers...) {
+		res := cli(t, "", "keygen", "-o", j(r+".key"))
+		res.want(t, exitOK, "")
+		line[r] = res.stdout
+	}
+	var all string
+	for _, p := range peers {
+		all += line[p]
+	}
+	cli(t, all, "keyring", "add", j("sync.keyring"), "-").want(t, exitOK, "")
+	addr = freeTCPAddr(t)
+	os.WriteFile(j("relay.conf"), []byte("listen "+addr+"\nkey sync.key\nkeyring sync.keyring\nallow wallet tower\n"), 0o600)
+	for _, p := range peers {
+		ring := strings.TrimSpace(line["sync"]) + " addr=" + addr + "\n"
+		for _, q := range peers {
+			if q != p {
+				ring += line[q]
+			}
+		}
+		os.WriteFile(j(p+".keyring"), []byte(ring), 0o644)
+	}
+	return j("relay.conf"), addr
+}
+
+// serve --via and connect --via test a relayed link end to end, the way a
+// watchtower's and a wallet's operators would.
+func TestServeConnectVia(t *testing.T) {
+	dir := t.TempDir()
+	j := func(n string) string { return filepath.Join(dir, n) }
+	conf, _ := relayCeremony(t, dir, "wallet", "tower", "other")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	relayLog := startRelay(t, ctx, conf)
+
+	_, serveErr, wait := serveLog(t, context.Background(), strings.NewReader("hello wallet"),
+		"--via", "sync", "-k", j("tower.key"), "-r", j("tower.keyring"))
+	waitFor(t, relayLog, "op=register")
+	mustHave(t, serveErr.String(), "listening on sync server sync")
+
+	// A peer that the sync server's policy refuses, and an unknown one.
+	cli(t, "", "connect", "--via", "sync", "-k", j("other.key"), "-r", j("other.keyring"), "--timeout", "5s", "tower").want(t, exitFail, "denied")
+	cli(t, "", "connect", "--via", "sync", "-k", j("wallet.key"), "-r", j("wallet.keyring"), "nobody").want(t, exitFail, "not a peer")
+	cli(t, "", "connect", "--via", "nobody", "-k", j("wallet.key"), "-r", j("wallet.keyring"), "tower").want(t, exitFail, "no peer of that name")
+
+	r := cli(t, "hello tower", "connect", "--via", "sync", "-k", j("wallet.key"), "-r", j("wallet.keyring"), "tower")
+	r.want(t, exitOK, "connected to tower through sync server sync")
+	if r.stdout != "hello wallet" {
+		t.Errorf("wallet received %q", r.stdout)
+	}
+	s := wait()
+	s.want(t, exitOK, "connected to wallet")
+	if s.stdout != "hello tower" {
+		t.Errorf("tower received %q", s.stdout)
+	}
+	cancel()
+}
