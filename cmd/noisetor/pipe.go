@@ -114,11 +114,12 @@ func parseCiphers(s string) ([]noisetor.CipherSuite, error) {
 }
 
 type serveOptions struct {
-	link   linkOptions
-	via    viaOptions
-	listen string
-	tor    torOptions
-	onion  onionOptions
+	link       linkOptions
+	via        viaOptions
+	clientAuth string // with --via over tor
+	listen     string
+	tor        torOptions
+	onion      onionOptions
 }
 
 var serveCmd = &command{
@@ -154,9 +155,10 @@ overlap ends.
 		o.link.register(fs, "kk") // XK only when asked: it lets anyone with our public key make us compute a DH (WIRE.md §3.3)
 		o.link.previous.register(fs)
 		o.via.register(fs)
+		fs.StringVar(&o.clientAuth, "client-auth-key", "", "with --via over tor: this machine's client-authorization key `file`\nfor the sync server's onion service")
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
-		o.onion.register(fs)
+		o.onion.register(fs, 9000)
 		return o
 	},
 	run: runServe,
@@ -190,7 +192,7 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		if o.onion.keyFile != "" {
 			return usagef("--via registers with a sync server: it takes no --onion-key")
 		}
-		rc, err := o.via.client(cfg, tor)
+		rc, err := o.via.client(cfg, tor, o.clientAuth)
 		if err != nil {
 			return err
 		}
@@ -201,6 +203,8 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 			return err
 		}
 		addr = "sync server " + o.via.server
+	} else if o.clientAuth != "" {
+		return usagef("--client-auth-key is for --via")
 	} else {
 		inner, a, err := o.onion.listen(e, tor, o.listen, cfg.Keyring)
 		if err != nil {
@@ -344,14 +348,27 @@ func (o *viaOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.addr, "via-addr", "", "the sync server's `host:port` (default: its addr= in the keyring)")
 }
 
-// client returns the relay client of o, over tor if it is running.
-func (o *viaOptions) client(cfg *noisetor.Config, tor *noisetor.Tor) (*noisetor.RelayClient, error) {
+// client returns the relay client of o, over tor if it is running, with
+// this machine's client-authorization key for the sync server's onion
+// service if clientAuthFile is set.
+func (o *viaOptions) client(cfg *noisetor.Config, tor *noisetor.Tor, clientAuthFile string) (*noisetor.RelayClient, error) {
 	if _, ok := cfg.Keyring.ByName(o.server); !ok {
 		return nil, fmt.Errorf("--via %s: the keyring has no peer of that name (the sync server must be listed, with its addr=)", echoArg(o.server))
 	}
 	rc := &noisetor.RelayClient{Config: cfg, Server: o.server, Address: o.addr}
-	if tor != nil {
-		rc.NetDialer = &noisetor.TorDialer{Tor: tor}
+	switch {
+	case tor != nil:
+		td := &noisetor.TorDialer{Tor: tor}
+		if clientAuthFile != "" {
+			k, err := noisetor.LoadClientAuthKey(clientAuthFile)
+			if err != nil {
+				return nil, err
+			}
+			td.ClientAuth = k
+		}
+		rc.NetDialer = td
+	case clientAuthFile != "":
+		return nil, usagef("--client-auth-key needs --tor-data or --tor-control")
 	}
 	return rc, nil
 }
@@ -374,18 +391,9 @@ func connectVia(e *env, o *connectOptions, cfg *noisetor.Config, peer string) er
 	if tor != nil {
 		defer tor.Close()
 	}
-	rc, err := o.via.client(cfg, tor)
+	rc, err := o.via.client(cfg, tor, o.clientAuth)
 	if err != nil {
 		return err
-	}
-	if o.clientAuth != "" {
-		if tor == nil {
-			return usagef("--client-auth-key needs --tor-data or --tor-control")
-		}
-		td := rc.NetDialer.(*noisetor.TorDialer)
-		if td.ClientAuth, err = noisetor.LoadClientAuthKey(o.clientAuth); err != nil {
-			return err
-		}
 	}
 	ctx, cancel := context.WithTimeout(e.ctx, o.link.timeout)
 	conn, err := rc.Dial(ctx, peer)

@@ -45,7 +45,7 @@ It runs until interrupted.
 		fs.BoolVar(&o.check, "check", false, "check the configuration, keys and keyring, then exit")
 		o.p11.register(fs)
 		o.tor.register(fs)
-		o.onion.register(fs)
+		o.onion.register(fs, 7400)
 		return o
 	},
 	run: runRelay,

@@ -68,9 +68,11 @@ type onionOptions struct {
 	noClientAuth bool
 }
 
-func (o *onionOptions) register(fs *flag.FlagSet) {
+// register adds the onion flags; defPort is the default --onion-port (9000
+// for serve, 7400 for relay, as the README's examples use).
+func (o *onionOptions) register(fs *flag.FlagSet, defPort int) {
 	fs.StringVar(&o.keyFile, "onion-key", "", "publish an onion service with the key in `file` (see onion-key); needs --tor-data or --tor-control")
-	fs.IntVar(&o.port, "onion-port", 9000, "the onion service's virtual `port`")
+	fs.IntVar(&o.port, "onion-port", defPort, "the onion service's virtual `port`")
 	fs.BoolVar(&o.noClientAuth, "no-client-auth", false, "publish without Tor client authorization (then anyone who learns\nthe address can connect; the handshake still admits only keyring peers)")
 }
 
