@@ -861,36 +861,51 @@ func (c *Conn) userWriteDeadline() time.Time { return fromUnixNano(c.writeDeadli
 // wraps one through a NetConn method) whose handshake has completed. Use it
 // in an http.Server's ConnContext or in a handler with the connection.
 func PeerOf(c net.Conn) (Peer, bool) {
+	st, ok := ConnectionStateOf(c)
+	return st.Peer, ok
+}
+
+// ConnectionStateOf is PeerOf for the whole ConnectionState: the peer, the
+// key it proved, the parameters and the handshake hash (for channel binding).
+func ConnectionStateOf(c net.Conn) (ConnectionState, bool) {
 	for c != nil {
 		if nc, ok := c.(*Conn); ok {
 			if !nc.handshakeDone.Load() || nc.handshakeErr != nil {
-				return Peer{}, false
+				return ConnectionState{}, false
 			}
-			return nc.state.Peer, true
+			return nc.ConnectionState(), true
 		}
 		u, ok := c.(interface{ NetConn() net.Conn })
 		if !ok {
-			return Peer{}, false
+			return ConnectionState{}, false
 		}
 		c = u.NetConn()
 	}
-	return Peer{}, false
+	return ConnectionState{}, false
 }
 
-type peerContextKey struct{}
+type stateContextKey struct{}
 
 // ConnContext has the signature of http.Server.ConnContext. It records the
-// authenticated peer of a noisetor connection in the context, where handlers
-// find it with PeerFromContext.
+// ConnectionState of a noisetor connection in the context, where handlers
+// find it with ConnectionStateFromContext or PeerFromContext.
 func ConnContext(ctx context.Context, c net.Conn) context.Context {
-	if p, ok := PeerOf(c); ok {
-		return context.WithValue(ctx, peerContextKey{}, p)
+	if st, ok := ConnectionStateOf(c); ok {
+		return context.WithValue(ctx, stateContextKey{}, st)
 	}
 	return ctx
 }
 
-// PeerFromContext returns the peer that ConnContext recorded.
+// PeerFromContext returns the authenticated peer that ConnContext recorded.
 func PeerFromContext(ctx context.Context) (Peer, bool) {
-	p, ok := ctx.Value(peerContextKey{}).(Peer)
-	return p, ok
+	st, ok := ConnectionStateFromContext(ctx)
+	return st.Peer, ok
+}
+
+// ConnectionStateFromContext returns the ConnectionState that ConnContext
+// recorded. A handler binds its application protocol to the session with
+// HandshakeHash.
+func ConnectionStateFromContext(ctx context.Context) (ConnectionState, bool) {
+	st, ok := ctx.Value(stateContextKey{}).(ConnectionState)
+	return st, ok
 }

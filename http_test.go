@@ -28,6 +28,10 @@ func TestHTTPOverNoisetor(t *testing.T) {
 				http.Error(w, "no peer", 500)
 				return
 			}
+			// The whole state, for channel binding.
+			if st, ok := ConnectionStateFromContext(r.Context()); ok && st.Peer.Name == p.Name {
+				w.Header().Set("Handshake-Hash", fmt.Sprintf("%x", st.HandshakeHash))
+			}
 			body, _ := io.ReadAll(r.Body)
 			fmt.Fprintf(w, "hello %s (%s), you sent %d bytes", p.Name, p.PublicKey.Fingerprint(), len(body))
 		}),
@@ -44,7 +48,14 @@ func TestHTTPOverNoisetor(t *testing.T) {
 	kr2, _ := NewKeyring(cs, Peer{Name: "wallet", PublicKey: ps["wallet"].key.PublicKey()})
 	ps["wallet"].cfg.Keyring = kr2
 
-	tr := &http.Transport{DialContext: (&Dialer{Config: ps["wallet"].cfg}).DialContext}
+	var dialed []*Conn
+	tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&Dialer{Config: ps["wallet"].cfg}).DialContext(ctx, network, addr)
+		if err == nil {
+			dialed = append(dialed, c.(*Conn))
+		}
+		return c, err
+	}}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr}
 	for i := 0; i < 3; i++ { // keep-alive reuses the session
@@ -57,6 +68,9 @@ func TestHTTPOverNoisetor(t *testing.T) {
 		want := fmt.Sprintf("hello wallet (%s), you sent 100000 bytes", ps["wallet"].key.PublicKey().Fingerprint())
 		if string(body) != want {
 			t.Fatalf("got %q, want %q", body, want)
+		}
+		if h := resp.Header.Get("Handshake-Hash"); len(dialed) != 1 || h != fmt.Sprintf("%x", dialed[0].ConnectionState().HandshakeHash) {
+			t.Errorf("the handler's handshake hash %q is not the client's session's", h)
 		}
 	}
 	if n := strings.Count(ps["cosigner"].logs.String(), "outcome=ok"); n != 1 {
