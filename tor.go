@@ -1100,7 +1100,13 @@ type OnionConfig struct {
 	// Keyring lists the peers that may connect: the ClientAuth keys of its
 	// peers are the service's client authorizations (Tor v3 client auth), so
 	// nobody else can even fetch the service's descriptor. The keyring is
-	// read each time the service is published (also after a tor restart).
+	// read each time the service is published (also after a tor restart),
+	// and when a change of it (Keyring.Remove, Keyring.Update) changes its
+	// set of ClientAuth keys, the service is published again with the new
+	// set, which keeps established connections: from then on, tor refuses
+	// a removed peer's new rendezvous. If no key is left (and ClientAuth
+	// adds none), the service is removed from tor until the keyring has one
+	// again.
 	Keyring *Keyring
 
 	// ClientAuth lists more client-authorization public keys (52-character
@@ -1221,6 +1227,10 @@ type OnionListener struct {
 	closed     bool
 	health     onionHealth // reachability checks; see tor_watchdog.go
 	published0 time.Time   // when ListenOnion began, for the log
+
+	pubAuth []string  // client-auth keys sent to tor on pubSess, sorted (the checks' excluded)
+	pubAt   time.Time // when isPub was last set
+	auth    authSync  // republishing on keyring changes; see tor_revoke.go
 }
 
 // ListenOnion publishes an onion service and returns once its descriptor
@@ -1330,6 +1340,7 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 	t.onions[l] = struct{}{}
 	s := t.sess
 	t.mu.Unlock()
+	l.watchKeyring()
 	if s != nil {
 		if err := l.publish(s); err != nil {
 			l.Close()
@@ -1341,6 +1352,7 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 		return nil, err
 	}
 	l.startCheck()
+	l.startAuthSync()
 	return l, nil
 }
 
@@ -1536,6 +1548,9 @@ func (l *OnionListener) addOnion(s *torSession, replace bool) error {
 		l.mu.Unlock()
 		return fmt.Errorf("noisetor: publishing onion service %s: %w", l.Addr(), err)
 	}
+	if l.pubSess == s {
+		l.pubAuth = slices.Sorted(slices.Values(auth))
+	}
 	l.mu.Unlock()
 	l.t.log.Debug("noisetor: onion service added to tor; waiting for descriptor upload", "onion", l.Addr().String(), "client_auth_keys", len(auth))
 	return nil
@@ -1588,6 +1603,7 @@ func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) 
 	}
 	if !l.isPub {
 		l.isPub = true
+		l.pubAt = time.Now()
 		l.pubCount++
 		close(l.published)
 		l.changed()
@@ -1675,6 +1691,7 @@ func (s torStream) NetConn() net.Conn { return s.Conn }
 
 // Close removes the onion service from tor and closes the local listener.
 func (l *OnionListener) Close() error {
+	l.stopAuthSync()
 	l.stopCheck()
 	l.pubMu.Lock()
 	defer l.pubMu.Unlock()
@@ -1703,6 +1720,7 @@ func (l *OnionListener) Close() error {
 
 // closeLocal closes the listener without talking to tor (Tor.Close).
 func (l *OnionListener) closeLocal() {
+	l.stopAuthSync()
 	l.stopCheck()
 	l.mu.Lock()
 	l.closed = true
