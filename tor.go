@@ -989,37 +989,73 @@ func (k *torControl) readLoop() {
 // command's name for errors: the line itself may hold key material and is
 // never quoted. Any 2xx reply is success.
 func (k *torControl) request(ctx context.Context, name, line string) (*control.Response, error) {
-	ch := make(chan *control.Response, 1)
+	resps, errs := k.requestBatch(ctx, []string{name}, []string{line})
+	return resps[0], errs[0]
+}
+
+// requestBatch sends the command lines in one write and waits for each
+// reply, returning them and their errors as request would. tor runs every
+// complete command in its input buffer before it does anything else
+// (connection_control_process_inbuf in tor's control.c loops until the
+// buffer is empty), so no cell is handled between them.
+func (k *torControl) requestBatch(ctx context.Context, names, lines []string) ([]*control.Response, []error) {
+	resps, errs := make([]*control.Response, len(lines)), make([]error, len(lines))
+	fail := func(err error) ([]*control.Response, []error) {
+		for i := range errs {
+			if errs[i] == nil && resps[i] == nil {
+				errs[i] = err
+			}
+		}
+		return resps, errs
+	}
+	chs := make([]chan *control.Response, len(lines))
+	var b strings.Builder
+	for i, line := range lines {
+		chs[i] = make(chan *control.Response, 1)
+		b.WriteString(line + "\r\n")
+	}
 	k.wmu.Lock()
 	k.mu.Lock()
 	select {
 	case <-k.done:
 		k.mu.Unlock()
 		k.wmu.Unlock()
-		return nil, fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err)
+		return fail(fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err))
 	default:
 	}
-	k.pending = append(k.pending, ch)
+	k.pending = append(k.pending, chs...)
 	k.mu.Unlock()
-	err := k.tc.PrintfLine("%s", line)
+	// One Write on the empty buffer: one that is larger than the buffer
+	// goes to the socket directly, a smaller one on Flush.
+	_, err := k.tc.W.Write([]byte(b.String()))
+	if err == nil {
+		err = k.tc.W.Flush()
+	}
 	k.wmu.Unlock()
 	if err != nil {
 		k.tc.Close()
-		return nil, fmt.Errorf("%w: control connection: %v", ErrTorDown, err)
+		return fail(fmt.Errorf("%w: control connection: %v", ErrTorDown, err))
 	}
-	select {
-	case resp, ok := <-ch:
-		if !ok {
-			return nil, fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err)
+	for i, ch := range chs {
+		select {
+		case resp, ok := <-ch:
+			if !ok {
+				return fail(fmt.Errorf("%w: control connection lost: %v", ErrTorDown, k.err))
+			}
+			resps[i] = resp
+			if resp.Err.Code/100 != 2 {
+				errs[i] = fmt.Errorf("noisetor: tor refused %s: %d %s", names[i], resp.Err.Code, resp.Reply)
+			}
+		case <-ctx.Done():
+			// The replies, when they come, go to the buffered channels and
+			// are dropped.
+			for j := i; j < len(chs); j++ {
+				errs[j] = fmt.Errorf("noisetor: tor %s: %w", names[j], ctx.Err())
+			}
+			return resps, errs
 		}
-		if resp.Err.Code/100 != 2 {
-			return resp, fmt.Errorf("noisetor: tor refused %s: %d %s", name, resp.Err.Code, resp.Reply)
-		}
-		return resp, nil
-	case <-ctx.Done():
-		// The reply, when it comes, goes to the buffered ch and is dropped.
-		return nil, fmt.Errorf("noisetor: tor %s: %w", name, ctx.Err())
 	}
+	return resps, errs
 }
 
 // getInfo runs GETINFO and returns the values by key.
@@ -1064,7 +1100,13 @@ type OnionConfig struct {
 	// Keyring lists the peers that may connect: the ClientAuth keys of its
 	// peers are the service's client authorizations (Tor v3 client auth), so
 	// nobody else can even fetch the service's descriptor. The keyring is
-	// read each time the service is published (also after a tor restart).
+	// read each time the service is published (also after a tor restart),
+	// and when a change of it (Keyring.Remove, Keyring.Update) changes its
+	// set of ClientAuth keys, the service is published again with the new
+	// set, which keeps established connections: from then on, tor refuses
+	// a removed peer's new rendezvous. If no key is left (and ClientAuth
+	// adds none), the service is removed from tor until the keyring has one
+	// again.
 	Keyring *Keyring
 
 	// ClientAuth lists more client-authorization public keys (52-character
@@ -1185,6 +1227,10 @@ type OnionListener struct {
 	closed     bool
 	health     onionHealth // reachability checks; see tor_watchdog.go
 	published0 time.Time   // when ListenOnion began, for the log
+
+	pubAuth []string  // client-auth keys sent to tor on pubSess, sorted (the checks' excluded)
+	pubAt   time.Time // when isPub was last set
+	auth    authSync  // republishing on keyring changes; see tor_revoke.go
 }
 
 // ListenOnion publishes an onion service and returns once its descriptor
@@ -1294,6 +1340,7 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 	t.onions[l] = struct{}{}
 	s := t.sess
 	t.mu.Unlock()
+	l.watchKeyring()
 	if s != nil {
 		if err := l.publish(s); err != nil {
 			l.Close()
@@ -1305,6 +1352,7 @@ func (t *Tor) ListenOnion(ctx context.Context, cfg *OnionConfig) (*OnionListener
 		return nil, err
 	}
 	l.startCheck()
+	l.startAuthSync()
 	return l, nil
 }
 
@@ -1421,6 +1469,14 @@ func (l *OnionListener) clientAuthKeys() ([]string, error) {
 func (l *OnionListener) publish(s *torSession) error {
 	l.pubMu.Lock()
 	defer l.pubMu.Unlock()
+	return l.addOnion(s, false)
+}
+
+// addOnion is publish with l.pubMu held. With replace, the service is
+// first removed (DEL_ONION) in the same write as the ADD_ONION, so that tor
+// never runs without it in between (see republish); tor answers a DEL_ONION
+// of a service it does not have with 552, and the ADD_ONION goes ahead.
+func (l *OnionListener) addOnion(s *torSession, replace bool) error {
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
@@ -1435,7 +1491,25 @@ func (l *OnionListener) publish(s *torSession) error {
 	l.pubSess = s
 	l.mu.Unlock()
 
+	// stillOn: tor may still have the service, with the keys of before,
+	// because a DEL_ONION failed; then pubSess stays s, so that a retry
+	// replaces it again rather than only adding.
+	stillOn := false
+	delFailed := func(resp *control.Response, err error) bool {
+		return err != nil && (resp == nil || resp.Err.Code != 552)
+	}
 	auth, err := l.clientAuthKeys()
+	if err != nil && replace {
+		// The keys tor has may include revoked ones: take the service
+		// down rather than leave it published with them.
+		ctx, cancel := context.WithTimeout(l.t.ctx, 30*time.Second)
+		resp, derr := s.ctl.request(ctx, "DEL_ONION", "DEL_ONION "+l.id)
+		cancel()
+		if delFailed(resp, derr) {
+			stillOn = true
+			err = fmt.Errorf("%w; and removing the service from tor: %w", err, derr)
+		}
+	}
 	if err == nil {
 		cmd := l.addOnionCommand(auth)
 		ctx, cancel := context.WithTimeout(l.t.ctx, 30*time.Second)
@@ -1443,7 +1517,16 @@ func (l *OnionListener) publish(s *torSession) error {
 		cancel()
 		ctx, cancel = context.WithTimeout(l.t.ctx, 30*time.Second)
 		var resp *control.Response
-		resp, err = s.ctl.request(ctx, "ADD_ONION", cmd)
+		if replace {
+			resps, errs := s.ctl.requestBatch(ctx, []string{"DEL_ONION", "ADD_ONION"}, []string{"DEL_ONION " + l.id, cmd})
+			resp, err = resps[1], errs[1]
+			if err != nil && delFailed(resps[0], errs[0]) {
+				stillOn = true
+				err = fmt.Errorf("%w (and before it: %w)", err, errs[0])
+			}
+		} else {
+			resp, err = s.ctl.request(ctx, "ADD_ONION", cmd)
+		}
 		cancel()
 		if err == nil {
 			var id string
@@ -1457,14 +1540,18 @@ func (l *OnionListener) publish(s *torSession) error {
 			}
 		}
 	}
+	l.mu.Lock()
 	if err != nil {
-		l.mu.Lock()
-		if l.pubSess == s {
+		if l.pubSess == s && !stillOn {
 			l.pubSess = nil
 		}
 		l.mu.Unlock()
 		return fmt.Errorf("noisetor: publishing onion service %s: %w", l.Addr(), err)
 	}
+	if l.pubSess == s {
+		l.pubAuth = slices.Sorted(slices.Values(auth))
+	}
+	l.mu.Unlock()
 	l.t.log.Debug("noisetor: onion service added to tor; waiting for descriptor upload", "onion", l.Addr().String(), "client_auth_keys", len(auth))
 	return nil
 }
@@ -1516,6 +1603,7 @@ func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) 
 	}
 	if !l.isPub {
 		l.isPub = true
+		l.pubAt = time.Now()
 		l.pubCount++
 		close(l.published)
 		l.changed()
@@ -1603,6 +1691,7 @@ func (s torStream) NetConn() net.Conn { return s.Conn }
 
 // Close removes the onion service from tor and closes the local listener.
 func (l *OnionListener) Close() error {
+	l.stopAuthSync()
 	l.stopCheck()
 	l.pubMu.Lock()
 	defer l.pubMu.Unlock()
@@ -1631,6 +1720,7 @@ func (l *OnionListener) Close() error {
 
 // closeLocal closes the listener without talking to tor (Tor.Close).
 func (l *OnionListener) closeLocal() {
+	l.stopAuthSync()
 	l.stopCheck()
 	l.mu.Lock()
 	l.closed = true

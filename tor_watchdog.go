@@ -321,7 +321,7 @@ func (l *OnionListener) checkLoop(ctx context.Context) {
 			continue
 		}
 		l.t.log.Error("noisetor: onion service unreachable through Tor; publishing it again", "onion", l.OnionAddress(), "failures", n, "err", err)
-		if err := l.republish(); err != nil && ctx.Err() == nil {
+		if err := l.republish(true); err != nil && ctx.Err() == nil {
 			l.t.log.Error("noisetor: republishing the onion service", "onion", l.OnionAddress(), "err", err)
 		}
 	}
@@ -386,9 +386,20 @@ func (l *OnionListener) forgetCheckKey() {
 }
 
 // republish removes the service from tor and adds it again (DEL_ONION,
-// ADD_ONION): tor then picks new introduction points and uploads a new
-// descriptor.
-func (l *OnionListener) republish() error {
+// ADD_ONION, in one write): tor then picks new introduction points and
+// uploads a new descriptor, made with the client-auth keys of the keyring
+// as it is now. byChecks counts it in OnionStatus.Republished.
+//
+// Established connections survive it: DEL_ONION closes the service's
+// introduction circuits but not its rendezvous circuits, "in order for any
+// existing connections to finish" (hs_service_del_ephemeral in tor's
+// src/feature/hs/hs_service.c). A new stream on such a circuit finds the
+// service again by its identity key (hs_service_set_conn_addr_port), so it
+// reaches us even from a client whose key the new descriptor lacks. But one
+// that arrived while tor had no such service would make tor close the
+// whole circuit, with the streams on it (handle_hs_exit_conn in
+// connection_edge.c): hence one write, which tor runs without a break.
+func (l *OnionListener) republish(byChecks bool) error {
 	t := l.t
 	t.mu.Lock()
 	s := t.sess
@@ -397,31 +408,24 @@ func (l *OnionListener) republish() error {
 		return ErrTorDown
 	}
 	l.pubMu.Lock()
+	defer l.pubMu.Unlock()
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
-		l.pubMu.Unlock()
 		return ErrTorClosed
 	}
-	old := l.pubSess
 	l.pubSess = nil
 	if l.isPub {
 		l.isPub = false
 		l.published = make(chan struct{})
 	}
 	l.published0 = time.Now()
-	l.health.republished++
+	if byChecks {
+		l.health.republished++
+	}
 	l.mu.Unlock()
-	var err error
-	if old == s {
-		ctx, cancel := context.WithTimeout(t.ctx, 10*time.Second)
-		_, err = s.ctl.request(ctx, "DEL_ONION", "DEL_ONION "+l.id)
-		cancel()
-	}
-	l.pubMu.Unlock()
 	l.changed()
-	if err != nil {
-		return err
-	}
-	return l.publish(s)
+	// Replace even if l was not on s: a failed or timed-out ADD_ONION may
+	// have left it there.
+	return l.addOnion(s, true)
 }
