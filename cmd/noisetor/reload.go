@@ -68,6 +68,6 @@ func followKeyring(ctx context.Context, path string, kr *noisetor.Keyring, log *
 const reloadHelp = `While it runs, it reloads the keyring file on SIGHUP and whenever the file
 changes (checked twice a second): a peer removed from the file is cut off at
 once, and a file that fails to load is logged with its bad line and changes
-nothing, the old keyring staying in force. With an onion service, tor learns
-of an added or removed auth= key when the service is next published (after a
-restart); the handshake refuses a removed peer at once regardless.`
+nothing, the old keyring staying in force. An onion service whose auth= keys
+changed is published again at once with the new set, so that tor itself
+refuses a removed peer; other peers' connections stay up.`
