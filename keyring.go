@@ -213,22 +213,6 @@ func (k *Keyring) insert(p Peer) {
 	}
 }
 
-// find returns a peer for which match is true, trying them in no particular
-// order; match must not call back into the keyring.
-func (k *Keyring) find(match func(Peer) bool) (Peer, bool) {
-	if k == nil {
-		return Peer{}, false
-	}
-	k.mu.RLock()
-	defer k.mu.RUnlock()
-	for _, p := range k.byName {
-		if match(p) {
-			return p, true
-		}
-	}
-	return Peer{}, false
-}
-
 // generation changes whenever a peer is added or removed.
 func (k *Keyring) generation() uint64 {
 	if k == nil {

@@ -217,8 +217,7 @@ func TestRelayUnlistedWalletFlood(t *testing.T) {
 // requester and in all, and logs aggregates, not a record per line.
 func TestRelayIncomingFlood(t *testing.T) {
 	checkNoGoroutineLeak(t)
-	var n *evilNet
-	n = newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) { w.Close() }, relayEcho)
+	n := newEvilNet(t, func(e *evilRelay, w *Conn, target Peer) { w.Close() }, relayEcho)
 	e := n.evil
 	// Count the watchtower's accept connections the evil relay holds.
 	var maxHeld atomic.Int32

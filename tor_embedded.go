@@ -3,8 +3,6 @@
 package noisetor
 
 import (
-	"io"
-
 	"github.com/cretz/bine/process"
 
 	"github.com/noisetor/noisetor/internal/libtor"
@@ -18,10 +16,6 @@ import (
 // started with libtor.ChildArg as its first argument, runs tor during
 // package initialization and exits.
 var defaultTorProcessCreator process.Creator = libtor.NewCreator(nil)
-
-// embeddedTorCreator is defaultTorProcessCreator with tor's standard output
-// and error sent to out.
-func embeddedTorCreator(out io.Writer) process.Creator { return libtor.NewCreator(out) }
 
 // embeddedTorHasPoW reports whether the embedded tor has the onion-service
 // proof-of-work module (build-libtor.sh --gpl). The default build lacks it,

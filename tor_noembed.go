@@ -3,17 +3,12 @@
 package noisetor
 
 import (
-	"io"
-
 	"github.com/cretz/bine/process"
 )
 
 // defaultTorProcessCreator is nil without the embedtor build tag: tor is
 // started from ExePath, or from "tor" in PATH.
 var defaultTorProcessCreator process.Creator
-
-// embeddedTorCreator returns nil without the embedtor build tag.
-func embeddedTorCreator(out io.Writer) process.Creator { return nil }
 
 // embeddedTorHasPoW reports false without the embedtor build tag.
 func embeddedTorHasPoW() bool { return false }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command. Installs what the tests need (tor, tor-gencert,
-# softhsm2) when missing, then runs every check: gofmt, go vet, the whole
+# softhsm2) when missing, then runs every check: gofmt, go vet, staticcheck, the whole
 # suite under the race detector against a real private Tor network and real
 # SoftHSM2 tokens, the embedded-Tor build and every test that starts a tor
 # again on it with no tor in PATH, and every fuzz target for NOISETOR_FUZZTIME seconds
@@ -24,6 +24,11 @@ fi
 step "go vet"
 go vet ./...
 
+# Pinned, run from the module proxy: the tool is not a dependency of the module.
+staticcheck="go run honnef.co/go/tools/cmd/staticcheck@v0.8.2"
+step "staticcheck"
+$staticcheck ./...
+
 step "go test -race"
 go test -race -count=1 -timeout 20m ./...
 
@@ -44,6 +49,7 @@ go test -count=1 -run '^TestAbuse' .
 step "embedded tor (-tags embedtor), no tor or tor-gencert in PATH"
 scripts/build-libtor.sh
 go vet -tags embedtor ./...
+$staticcheck -tags embedtor ./...
 go build -tags embedtor -o /dev/null ./cmd/noisetor
 notor=$(mktemp -d)
 trap 'rm -rf "$notor"' EXIT

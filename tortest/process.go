@@ -91,6 +91,8 @@ func (p *torProc) exitError() error {
 }
 
 // pid returns the process id of the tor last started, or 0.
+//
+//lint:ignore U1000 used by the tests that build with -tags embedtor
 func (p *torProc) pid() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -27,8 +27,6 @@ func (o *torOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.torrcFile, "torrc", "", "extra torrc lines for the tor of --tor-data, from `file`")
 }
 
-func (o *torOptions) enabled() bool { return o.dataDir != "" || o.control != "" }
-
 // start returns the tor to use, or nil if none was asked for.
 func (o *torOptions) start(ctx context.Context, log *slog.Logger) (*noisetor.Tor, error) {
 	switch {
