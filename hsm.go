@@ -1,7 +1,7 @@
 package noisetor
 
 // Declarations shared by the cgo build (hsm_pkcs11.go, the real PKCS#11 key)
-// and the pure-Go build (hsm_other.go, which can only refuse).
+// and the pure-Go build (hsm_pkcs11_nocgo.go, which can only refuse).
 
 import (
 	"errors"

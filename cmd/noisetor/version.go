@@ -15,7 +15,7 @@ var versionCmd = &command{
 	name:  "version",
 	args:  "",
 	short: "print the version of noisetor",
-	long:  "Version prints noisetor's version, the Go version it was built with, and the embedded Tor, if any.",
+	long:  "Version prints noisetor's version, the Go version it was built with, the embedded Tor, if any, and whether PKCS#11 tokens can be used.",
 	run: func(e *env, _ *flag.FlagSet, _ any, args []string) error {
 		if err := wantArgs(args, 0, 0, ""); err != nil {
 			return err
@@ -41,5 +41,9 @@ func versionString() string {
 	if tv, ok := noisetor.EmbeddedTorVersion(); ok {
 		tor = "embedded " + tv
 	}
-	return fmt.Sprintf("noisetor %s%s (%s, %s/%s, %s)", v, rev, runtime.Version(), runtime.GOOS, runtime.GOARCH, tor)
+	p11 := "PKCS#11"
+	if !noisetor.PKCS11Available() {
+		p11 = "no PKCS#11 (built without cgo)"
+	}
+	return fmt.Sprintf("noisetor %s%s (%s, %s/%s, %s, %s)", v, rev, runtime.Version(), runtime.GOOS, runtime.GOARCH, tor, p11)
 }

@@ -12,6 +12,10 @@ import (
 	"strings"
 )
 
+// PKCS11Available reports whether this binary can use PKCS#11 tokens: false,
+// it was built without cgo.
+func PKCS11Available() bool { return false }
+
 // errNoCgo is returned by every PKCS#11 constructor in a build without cgo.
 var errNoCgo = fmt.Errorf("%w: PKCS#11 keys are not available: this binary was built without cgo (CGO_ENABLED=0); rebuild with CGO_ENABLED=1 and a C compiler", ErrPKCS11Unsupported)
 
