@@ -1185,6 +1185,8 @@ type OnionListener struct {
 	closed     bool
 	health     onionHealth // reachability checks; see tor_watchdog.go
 	published0 time.Time   // when ListenOnion began, for the log
+
+	lastUpload time.Time // when a directory last accepted the descriptor, for Status
 }
 
 // ListenOnion publishes an onion service and returns once its descriptor
@@ -1514,6 +1516,7 @@ func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) 
 		l.pubErr = ev.Reason
 		return
 	}
+	l.lastUpload = time.Now()
 	if !l.isPub {
 		l.isPub = true
 		l.pubCount++
