@@ -118,6 +118,7 @@ type serveOptions struct {
 	listen string
 	tor    torOptions
 	onion  onionOptions
+	status statusOptions
 }
 
 var serveCmd = &command{
@@ -149,6 +150,7 @@ overlap ends.`,
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
 		o.onion.register(fs)
+		o.status.register(fs)
 		return o
 	},
 	run: runServe,
@@ -177,6 +179,11 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	}
 	ln := noisetor.NewListener(inner, cfg)
 	defer ln.Close()
+	stopStatus, err := o.status.start(cfg.Logger, cfg, inner)
+	if err != nil {
+		return err
+	}
+	defer stopStatus()
 	fmt.Fprintf(e.stderr, "noisetor serve: listening on %s as %s (fingerprint %s)\n",
 		addr, cfg.StaticKey.PublicKey(), cfg.StaticKey.PublicKey().Fingerprint())
 
