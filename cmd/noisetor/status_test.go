@@ -243,3 +243,57 @@ func TestPrintStatus(t *testing.T) {
 		t.Error("an escape character reached the terminal")
 	}
 }
+
+// relay --status-socket: a registered watchtower shows as connected.
+func TestRelayStatus(t *testing.T) {
+	dir := t.TempDir()
+	j := func(n string) string { return filepath.Join(dir, n) }
+	line := make(map[string]string)
+	for _, r := range []string{"sync", "wallet", "tower"} {
+		res := cli(t, "", "keygen", "-o", j(r+".key"))
+		res.want(t, exitOK, "")
+		line[r] = res.stdout
+	}
+	cli(t, line["wallet"]+line["tower"], "keyring", "add", j("sync.keyring"), "-").want(t, exitOK, "")
+	os.WriteFile(j("relay.conf"), []byte("listen 127.0.0.1:0\nkey sync.key\nkeyring sync.keyring\nallow wallet tower\n"), 0o600)
+	os.Mkdir(j("run"), 0o700)
+	sock := j("run/s")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	errw := newNotifyWriter(`serving on (\S+) `)
+	done := make(chan int, 1)
+	go func() {
+		done <- runContext(ctx, []string{"relay", "--status-socket", sock, j("relay.conf")}, strings.NewReader(""), io.Discard, errw)
+	}()
+	var addr string
+	select {
+	case addr = <-errw.match:
+	case c := <-done:
+		t.Fatalf("relay exited with %d: %s", c, errw)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("relay did not start: %s", errw)
+	}
+	k, _ := noisetor.LoadPrivateKey(j("tower.key"))
+	kr, _ := noisetor.ParseKeyring(strings.NewReader(strings.TrimSpace(line["sync"]) + " addr=" + addr + "\n"))
+	tower := &noisetor.RelayClient{Config: &noisetor.Config{StaticKey: k, Keyring: kr, Logger: slog.New(slog.DiscardHandler)}, Server: "sync"}
+	ln, err := tower.Listen(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var r result
+	waitFor(t, "the tower in the status", func() bool {
+		r = cli(t, "", "status", "--socket", sock)
+		return regexp.MustCompile(`(?m)^tower +1 +(just now|\ds ago) \(in, KK\) +1 +0 +-$`).MatchString(r.stdout)
+	})
+	if !regexp.MustCompile(`(?m)^wallet +0 +never +0 +0 +-$`).MatchString(r.stdout) {
+		t.Errorf("relay status:\n%s", r.stdout)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("relay did not stop")
+	}
+}
