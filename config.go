@@ -147,6 +147,8 @@ type Config struct {
 	pairKeys     *pairKeys
 	previousKeys *pairKeys // of PreviousStaticKey, if set
 	live         *liveConns
+
+	state peerStates // for PeerStates and Refusals; see peerstate.go
 }
 
 const (

@@ -23,6 +23,7 @@ type attempt struct {
 // logAttempt writes the one log record of a connection attempt. It records
 // only public facts: never a key other than a public one, never a secret.
 func (c *Config) logAttempt(a attempt) {
+	c.state.record(c.Keyring, a)
 	dir := "in"
 	if a.outbound {
 		dir = "out"
@@ -49,9 +50,12 @@ func (c *Config) logAttempt(a attempt) {
 // callers that proved no keyring key: anyone can cause those, as fast as it
 // can connect, and one record each would let it fill the disk.
 func (c *Conn) logAttempt(d time.Duration, err error) {
-	if err != nil && c.guard != nil && !c.authenticated {
-		c.guard.refusals.add(c.refusalReason())
-		return
+	if err != nil && !c.isClient && !c.authenticated {
+		c.cfg.state.refuse(c.refusalReason())
+		if c.guard != nil {
+			c.guard.refusals.add(c.refusalReason())
+			return
+		}
 	}
 	addr := c.addr
 	if addr == "" && c.conn.RemoteAddr() != nil {

@@ -1231,6 +1231,8 @@ type OnionListener struct {
 	pubAuth []string  // client-auth keys sent to tor on pubSess, sorted (the checks' excluded)
 	pubAt   time.Time // when isPub was last set
 	auth    authSync  // republishing on keyring changes; see tor_revoke.go
+
+	lastUpload time.Time // when a directory last accepted the descriptor, for Status
 }
 
 // ListenOnion publishes an onion service and returns once its descriptor
@@ -1601,6 +1603,7 @@ func (l *OnionListener) descriptorEvent(s *torSession, ev *control.HSDescEvent) 
 		l.pubErr = ev.Reason
 		return
 	}
+	l.lastUpload = time.Now()
 	if !l.isPub {
 		l.isPub = true
 		l.pubAt = time.Now()

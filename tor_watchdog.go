@@ -67,6 +67,7 @@ func (s OnionState) String() string {
 type OnionStatus struct {
 	State        OnionState
 	Publications int       // descriptors uploaded, over every run of tor
+	LastUpload   time.Time // when a directory last accepted the descriptor; zero if none yet
 	LastCheck    time.Time // when the last check ended; zero if none yet
 	LastReached  time.Time // when a check last reached the service
 	Failures     int       // checks failed in a row
@@ -134,7 +135,7 @@ func (l *OnionListener) Status() OnionStatus {
 func (l *OnionListener) statusLocked() OnionStatus {
 	h := &l.health
 	st := OnionStatus{
-		Publications: l.pubCount, LastCheck: h.lastCheck, LastReached: h.lastOK,
+		Publications: l.pubCount, LastUpload: l.lastUpload, LastCheck: h.lastCheck, LastReached: h.lastOK,
 		Failures: h.failures, Err: h.err, Republished: h.republished,
 	}
 	switch {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -128,7 +129,8 @@ func TestExamples(t *testing.T) {
 	add("wallet", "watchtower")
 
 	cos := start(t, dir, cosigner, "cosigner: serving", "-listen", cosAddr)
-	start(t, dir, syncserver, "syncserver: serving", "-listen", syncAddr)
+	os.Mkdir(filepath.Join(dir, "run"), 0o700)
+	start(t, dir, syncserver, "syncserver: serving", "-listen", syncAddr, "-status-socket", "run/syncserver.sock")
 	start(t, dir, watchtower, "watchtower: registered")
 
 	cmd := exec.Command(wallet)
@@ -143,6 +145,15 @@ func TestExamples(t *testing.T) {
 	} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("wallet output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// The sync server's operator sees both peers, the watchtower still
+	// registered.
+	status := run(t, dir, noisetor, "status", "--socket", "run/syncserver.sock")
+	for _, re := range []string{`(?m)^watchtower +[1-9]\d* `, `(?m)^wallet +\d+ +(just now|\S+ ago) \(in, KK\) +[1-9]`} {
+		if !regexp.MustCompile(re).MatchString(status) {
+			t.Errorf("syncserver status does not match %s:\n%s", re, status)
 		}
 	}
 

@@ -69,7 +69,7 @@ var commands []*command
 
 // commandOrder is the order of the command list in help.
 var commandOrder = []string{"keygen", "pubkey", "fingerprint", "keyring", "onion-key", "client-auth-key",
-	"serve", "connect", "relay", "demo", "version"}
+	"serve", "connect", "relay", "status", "demo", "version"}
 
 func register(c *command) {
 	commands = append(commands, c)

@@ -120,6 +120,7 @@ type serveOptions struct {
 	listen     string
 	tor        torOptions
 	onion      onionOptions
+	status     statusOptions
 }
 
 var serveCmd = &command{
@@ -159,6 +160,7 @@ overlap ends.
 		fs.StringVar(&o.listen, "l", "127.0.0.1:9000", "listen on `host:port` (with --onion-key: the local address tor forwards to)")
 		o.tor.register(fs)
 		o.onion.register(fs, 9000)
+		o.status.register(fs)
 		return o
 	},
 	run: runServe,
@@ -186,7 +188,7 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	if tor != nil {
 		defer tor.Close()
 	}
-	var ln net.Listener
+	var ln, inner net.Listener // inner: the onion or TCP listener, if not --via
 	var addr string
 	if o.via.server != "" {
 		if o.onion.keyFile != "" {
@@ -206,13 +208,18 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	} else if o.clientAuth != "" {
 		return usagef("--client-auth-key is for --via")
 	} else {
-		inner, a, err := o.onion.listen(e, tor, o.listen, cfg.Keyring)
-		if err != nil {
+		var err error
+		if inner, addr, err = o.onion.listen(e, tor, o.listen, cfg.Keyring); err != nil {
 			return err
 		}
-		ln, addr = noisetor.NewListener(inner, cfg), a
+		ln = noisetor.NewListener(inner, cfg)
 	}
 	defer ln.Close()
+	stopStatus, err := o.status.start(cfg.Logger, cfg, inner)
+	if err != nil {
+		return err
+	}
+	defer stopStatus()
 	fmt.Fprintf(e.stderr, "noisetor serve: listening on %s as %s (fingerprint %s)\n",
 		addr, cfg.StaticKey.PublicKey(), cfg.StaticKey.PublicKey().Fingerprint())
 

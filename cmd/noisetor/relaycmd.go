@@ -17,6 +17,8 @@ type relayOptions struct {
 	tor   torOptions
 	onion onionOptions
 	check bool
+
+	status statusOptions // status.go
 }
 
 var relayCmd = &command{
@@ -46,6 +48,7 @@ It runs until interrupted.
 		o.p11.register(fs)
 		o.tor.register(fs)
 		o.onion.register(fs, 7400)
+		o.status.register(fs)
 		return o
 	},
 	run: runRelay,
@@ -95,6 +98,12 @@ func runRelay(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	if err != nil {
 		return err
 	}
+	stopStatus, err := o.status.start(log, srv.Config, inner)
+	if err != nil {
+		inner.Close()
+		return err
+	}
+	defer stopStatus()
 	fmt.Fprintf(e.stderr, "noisetor relay: serving on %s as %s (fingerprint %s)\n",
 		addr, srv.Config.StaticKey.PublicKey(), srv.Config.StaticKey.PublicKey().Fingerprint())
 	stop := context.AfterFunc(e.ctx, func() { srv.Close() })

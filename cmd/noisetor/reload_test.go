@@ -50,7 +50,7 @@ func fakeSIGHUP(t *testing.T, poll time.Duration) (hup func()) {
 // waitFor waits until w's output holds want.
 func waitFor(t *testing.T, w *notifyWriter, want string) {
 	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(w.String(), want); time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(w.String(), want); time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the log does not mention %q:\n%s", want, w)
 		}

@@ -30,8 +30,10 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/noisetor/noisetor"
+	"github.com/noisetor/noisetor/monitor"
 )
 
 func main() {
@@ -41,6 +43,7 @@ func main() {
 	onionKey := flag.String("onion-key", "", "onion service key file; empty: serve on plain TCP")
 	onionPort := flag.Int("onion-port", 9000, "the onion service's port")
 	torData := flag.String("tor-data", "cosigner-tor", "tor's data directory, with -onion-key")
+	statusSocket := flag.String("status-socket", "", "answer 'noisetor status' on the Unix socket `path` (in a directory of mode 0700)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
@@ -98,6 +101,20 @@ func main() {
 			log.Fatal(err)
 		}
 	}
+	// Operators ask a running server what it sees: `noisetor status
+	// --socket PATH` (peers, handshakes, failures, refusals, the onion
+	// service) and Prometheus metrics at GET /metrics. The socket is 0600
+	// in a directory that must be private (mode 0700).
+	if *statusSocket != "" {
+		onion, _ := inner.(*noisetor.OnionListener)
+		sl, err := monitor.ListenUnix(*statusSocket)
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer sl.Close()
+		go (&http.Server{Handler: monitor.New(cfg, onion).Handler(), ReadHeaderTimeout: 10 * time.Second}).Serve(sl)
+	}
+
 	// Accept yields only connections whose handshake succeeded with a
 	// keyring peer; failed attempts are logged and never reach the server.
 	ln := noisetor.NewListener(inner, cfg)

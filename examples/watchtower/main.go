@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/noisetor/noisetor"
+	"github.com/noisetor/noisetor/monitor"
 )
 
 func main() {
@@ -33,6 +34,7 @@ func main() {
 	server := flag.String("server", "syncserver", "the sync server's name in the keyring")
 	torData := flag.String("tor-data", "", "tor's data directory; empty: dial the sync server over plain TCP")
 	clientAuth := flag.String("client-auth-key", "", "this machine's Tor client-authorization key file")
+	statusSocket := flag.String("status-socket", "", "answer 'noisetor status' on the Unix socket `path` (in a directory of mode 0700)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
@@ -83,6 +85,19 @@ func main() {
 	cancel()
 	if err != nil {
 		log.Fatal(err)
+	}
+
+	// Operators ask a running watchtower what it sees: `noisetor status
+	// --socket PATH` (its peers, handshakes and failures) and Prometheus
+	// metrics at GET /metrics. The socket is 0600 in a directory that must
+	// be private (mode 0700).
+	if *statusSocket != "" {
+		sl, err := monitor.ListenUnix(*statusSocket)
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer sl.Close()
+		go (&http.Server{Handler: monitor.New(cfg, nil).Handler(), ReadHeaderTimeout: 10 * time.Second}).Serve(sl)
 	}
 
 	mux := http.NewServeMux()
