@@ -9,51 +9,6 @@ import (
 	"time"
 )
 
-// A Pattern is a Noise handshake pattern.
-type Pattern uint8
-
-const (
-	// KK: both sides know each other's static key before the handshake. Two
-	// messages; the default.
-	KK Pattern = 1
-	// XK: the initiator knows the responder's static key; the responder learns
-	// the initiator's from message 3 and checks it against its keyring.
-	XK Pattern = 2
-)
-
-// String returns the Noise name of the pattern, "KK" or "XK".
-func (p Pattern) String() string {
-	switch p {
-	case KK:
-		return "KK"
-	case XK:
-		return "XK"
-	}
-	return fmt.Sprintf("pattern(%d)", uint8(p))
-}
-
-// A CipherSuite names the AEAD of the Noise protocol. The hash is always SHA-256
-// and the DH function is the static key's Curve.
-type CipherSuite uint8
-
-const (
-	// ChaChaPoly is ChaCha20-Poly1305; the default. Fast everywhere.
-	ChaChaPoly CipherSuite = 1
-	// AESGCM is AES-256-GCM; much faster on CPUs with AES instructions.
-	AESGCM CipherSuite = 2
-)
-
-// String returns the Noise name of the cipher, "ChaChaPoly" or "AESGCM".
-func (c CipherSuite) String() string {
-	switch c {
-	case ChaChaPoly:
-		return "ChaChaPoly"
-	case AESGCM:
-		return "AESGCM"
-	}
-	return fmt.Sprintf("cipher(%d)", uint8(c))
-}
-
 // A Config configures a Client, Server, Dialer or Listener. After it has been
 // passed to one of them it must not be modified. The zero value plus a
 // StaticKey and a Keyring is a working configuration.
@@ -325,12 +280,12 @@ func (c *Config) check() error {
 		}
 	}
 	for _, p := range c.patterns() {
-		if p != KK && p != XK {
+		if !p.known() {
 			return fmt.Errorf("noisetor: unsupported pattern %v", p)
 		}
 	}
 	for _, s := range c.cipherSuites() {
-		if s != ChaChaPoly && s != AESGCM {
+		if !s.known() {
 			return fmt.Errorf("noisetor: unsupported cipher suite %v", s)
 		}
 	}

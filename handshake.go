@@ -173,26 +173,7 @@ func readMessageErr(err error, msg, failure string) error {
 	return fmt.Errorf("%w: %s %s", ErrHandshake, msg, failure)
 }
 
-func (d *dhFunc) DHName() string {
-	if d.curve == P256 {
-		return "P256"
-	}
-	return "25519"
-}
-
-func (c CipherSuite) noiseCipher() noise.CipherFunc {
-	if c == AESGCM {
-		return noise.CipherAESGCM
-	}
-	return noise.CipherChaChaPoly
-}
-
-func (p Pattern) noisePattern() noise.HandshakePattern {
-	if p == XK {
-		return noise.HandshakeXK
-	}
-	return noise.HandshakeKK
-}
+func (d *dhFunc) DHName() string { return d.curve.noiseName() }
 
 // handshakeParams is one side's view of a handshake before it starts.
 type handshakeParams struct {

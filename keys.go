@@ -16,63 +16,6 @@ import (
 	"strings"
 )
 
-// A Curve names the Diffie-Hellman function of a static key and of the Noise
-// handshakes it takes part in. Both peers of a connection use the same curve.
-type Curve uint8
-
-const (
-	// X25519 is the Noise "25519" DH function (RFC 7748). The default.
-	X25519 Curve = 1
-	// P256 is ECDH on NIST P-256, for hardware tokens without X25519. Its
-	// Noise DH name "P256" is not standard: see WIRE.md. Public keys are
-	// uncompressed SEC 1 points (65 bytes); DH outputs the 32-byte x-coordinate.
-	P256 Curve = 2
-)
-
-// String returns the curve's name as used in key encodings: "x25519" or "p256".
-func (c Curve) String() string {
-	switch c {
-	case X25519:
-		return "x25519"
-	case P256:
-		return "p256"
-	}
-	return fmt.Sprintf("curve(%d)", uint8(c))
-}
-
-func (c Curve) ecdh() ecdh.Curve {
-	switch c {
-	case X25519:
-		return ecdh.X25519()
-	case P256:
-		return ecdh.P256()
-	}
-	return nil
-}
-
-// publicKeyLen is the length of a raw public key on the wire.
-func (c Curve) publicKeyLen() int {
-	switch c {
-	case X25519:
-		return 32
-	case P256:
-		return 65
-	}
-	return 0
-}
-
-func parseCurve(s string) (Curve, error) {
-	switch s {
-	case "x25519":
-		return X25519, nil
-	case "p256":
-		return P256, nil
-	}
-	// The name is not quoted: it is whatever came before the first ':' of a
-	// key field, which may be a pasted secret.
-	return 0, errors.New("unknown curve (want x25519 or p256)")
-}
-
 // ErrBadKey is matched (with errors.Is) by every error about a malformed,
 // low-order or wrong-kind key.
 var ErrBadKey = errors.New("noisetor: bad key")

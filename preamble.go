@@ -72,13 +72,13 @@ func parsePreamble(b []byte) (*preamble, error) {
 		return nil, err
 	}
 	p := &preamble{pattern: Pattern(b[5]), curve: Curve(b[6]), cipher: CipherSuite(b[7])}
-	if p.pattern != KK && p.pattern != XK {
+	if !p.pattern.known() {
 		return nil, fmt.Errorf("%w: unknown pattern %d", ErrVersion, b[5])
 	}
-	if p.curve != X25519 && p.curve != P256 {
+	if !p.curve.known() {
 		return nil, fmt.Errorf("%w: unknown curve %d", ErrVersion, b[6])
 	}
-	if p.cipher != ChaChaPoly && p.cipher != AESGCM {
+	if !p.cipher.known() {
 		return nil, fmt.Errorf("%w: unknown cipher %d", ErrVersion, b[7])
 	}
 	copy(p.salt[:], b[8:24])
