@@ -130,54 +130,32 @@ func (c *Config) cipherSuites() []CipherSuite {
 	return c.CipherSuites
 }
 
+// orDefault is v, or def if v is not positive: the rule of every numeric
+// Config field (and RelayServer's), whose zero value means the default.
+func orDefault[T int | int64 | time.Duration](v, def T) T {
+	if v <= 0 {
+		return def
+	}
+	return v
+}
+
 func (c *Config) handshakeTimeout() time.Duration {
-	if c.HandshakeTimeout <= 0 {
-		return defaultHandshakeTimeout
-	}
-	return c.HandshakeTimeout
+	return orDefault(c.HandshakeTimeout, defaultHandshakeTimeout)
 }
-
-func (c *Config) rekeyAfterBytes() int64 {
-	if c.RekeyAfterBytes <= 0 {
-		return defaultRekeyAfterBytes
-	}
-	return c.RekeyAfterBytes
-}
-
+func (c *Config) rekeyAfterBytes() int64 { return orDefault(c.RekeyAfterBytes, defaultRekeyAfterBytes) }
 func (c *Config) rekeyAfter() time.Duration {
-	if c.RekeyAfter <= 0 {
-		return defaultRekeyAfter
-	}
-	return c.RekeyAfter
+	return orDefault(c.RekeyAfter, defaultRekeyAfter)
 }
-
 func (c *Config) preambleTimeout() time.Duration {
-	if c.PreambleTimeout <= 0 {
-		return defaultPreambleTimeout
-	}
-	return c.PreambleTimeout
+	return orDefault(c.PreambleTimeout, defaultPreambleTimeout)
 }
-
 func (c *Config) maxHandshakesPerPeer() int {
-	if c.MaxHandshakesPerPeer <= 0 {
-		return defaultMaxHandshakesPerPeer
-	}
-	return c.MaxHandshakesPerPeer
+	return orDefault(c.MaxHandshakesPerPeer, defaultMaxHandshakesPerPeer)
 }
-
 func (c *Config) maxPendingHandshakes() int {
-	if c.MaxPendingHandshakes <= 0 {
-		return defaultMaxPendingHandshakes
-	}
-	return c.MaxPendingHandshakes
+	return orDefault(c.MaxPendingHandshakes, defaultMaxPendingHandshakes)
 }
-
-func (c *Config) acceptBacklog() int {
-	if c.AcceptBacklog <= 0 {
-		return defaultAcceptBacklog
-	}
-	return c.AcceptBacklog
-}
+func (c *Config) acceptBacklog() int { return orDefault(c.AcceptBacklog, defaultAcceptBacklog) }
 
 func (c *Config) now() time.Time {
 	if c.Time == nil {

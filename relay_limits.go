@@ -250,10 +250,3 @@ func (g *relayGate) explain(refused string) string {
 	}
 	return fmt.Sprintf("more than %d were started in %v (MaxPending per %v)", g.max, relaySetupWindow, relaySetupWindow)
 }
-
-func orDefault(v, def int) int {
-	if v <= 0 {
-		return def
-	}
-	return v
-}
