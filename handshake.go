@@ -345,8 +345,13 @@ func (c *Conn) refusedErr(next string, raw, err error) error {
 	remote := c.state.PeerKey
 	why := fmt.Sprintf("it does not list our key, or the key we hold for it is not its key, or it does not accept %v with %v on %v, or our clocks differ by more than 10 minutes, or it is at its connection limits",
 		c.state.Pattern, c.state.CipherSuite, own.Curve())
-	if c.state.Pattern == XK && next == "its confirm record" {
+	switch {
+	case c.state.Pattern == XK && next == "its confirm record":
 		why = "it does not list our key in its keyring, or it is at its connection limits"
+	case c.state.Pattern == XK:
+		// An XK responder checks our key only after message 3.
+		why = fmt.Sprintf("the key we hold for it is not its key, or it does not accept %v with %v on %v, or it is at its connection limits",
+			c.state.Pattern, c.state.CipherSuite, own.Curve())
 	}
 	return fmt.Errorf("%w: %q closed the connection instead of sending %s: %s (the pattern we asked for is %v; our key's fingerprint %s; the key we hold for %q has fingerprint %s)",
 		ErrRefused, c.state.Peer.Name, next, why, c.state.Pattern, own.Fingerprint(), c.state.Peer.Name, remote.Fingerprint())

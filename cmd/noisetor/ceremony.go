@@ -227,7 +227,7 @@ machines' keyrings.`,
 
 var fingerprintCmd = &command{
 	name:  "fingerprint",
-	args:  "PUBLIC-KEY | KEYFILE | KEYRING-FILE",
+	args:  "PUBLIC-KEY | KEYFILE | KEYRING-FILE | --pkcs11 [--pkcs11-key LABEL]",
 	short: "print the fingerprint of a key or of a whole keyring, to read aloud",
 	long: `
 Fingerprint prints six groups of five digits for operators to read to each
@@ -236,8 +236,27 @@ prints the key's fingerprint; given a keyring file, the fingerprint of the
 whole keyring, which two machines share exactly when they list the same peers
 with the same keys, addresses and client-auth keys.
 
-A private key file is read only to compute its public key.`,
-	run: func(e *env, _ *flag.FlagSet, _ any, args []string) error {
+A private key file is read only to compute its public key. With --pkcs11 it
+prints the fingerprint of the key on the token (see pubkey).`,
+	flags: func(fs *flag.FlagSet) any {
+		o := new(pkcs11Options)
+		o.register(fs)
+		return o
+	},
+	run: func(e *env, _ *flag.FlagSet, opts any, args []string) error {
+		if p11 := opts.(*pkcs11Options); p11.enabled {
+			if err := wantArgs(args, 0, 0, ""); err != nil {
+				return err
+			}
+			key, closeKey, err := (&keyOptions{p11: *p11}).load()
+			if err != nil {
+				return err
+			}
+			defer closeKey()
+			fmt.Fprintln(e.stdout, key.PublicKey().Fingerprint())
+			fmt.Fprintf(e.stderr, "noisetor fingerprint: fingerprint of the public key of the token key\n")
+			return nil
+		}
 		if err := wantArgs(args, 1, 1, "a public key, key file or keyring file"); err != nil {
 			return err
 		}

@@ -403,7 +403,7 @@ func TestServeConnect(t *testing.T) {
 		t.Errorf("client did not log the attempt: %s", r.stderr)
 	}
 	s := wait()
-	s.want(t, exitOK, "connected to client (KK, ChaChaPoly)")
+	s.want(t, exitOK, "connected to client (KK, ChaChaPoly; its key's fingerprint ")
 	if s.stdout != toServer {
 		t.Errorf("server received %d bytes, want %d", len(s.stdout), len(toServer))
 	}
@@ -421,7 +421,7 @@ func TestServeConnect(t *testing.T) {
 	f := strings.Fields(srvLine)
 	cli(t, "", "keyring", "add", j("client.keyring"), f[0], f[1], "--addr", addr).want(t, exitOK, "")
 	r = cli(t, "ping", "connect", "-k", j("client.key"), "-r", j("client.keyring"), "--pattern", "xk", "--cipher", "aesgcm", "server")
-	r.want(t, exitOK, "(XK, AESGCM)")
+	r.want(t, exitOK, "(XK, AESGCM; ")
 	if r.stdout != "pong" {
 		t.Errorf("client got %q", r.stdout)
 	}

@@ -235,7 +235,7 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	}
 	conn := c.(*noisetor.Conn)
 	st := conn.ConnectionState()
-	fmt.Fprintf(e.stderr, "noisetor serve: connected to %s (%s, %s)\n", st.Peer.Name, st.Pattern, st.CipherSuite)
+	fmt.Fprintf(e.stderr, "noisetor serve: connected to %s (%s, %s; its key's fingerprint %s)\n", st.Peer.Name, st.Pattern, st.CipherSuite, st.PeerKey.Fingerprint())
 	return pipe(e, conn)
 }
 
@@ -341,7 +341,7 @@ func runConnect(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	}
 	conn := c.(*noisetor.Conn)
 	st := conn.ConnectionState()
-	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s at %s (%s, %s)\n", st.Peer.Name, addr, st.Pattern, st.CipherSuite)
+	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s at %s (%s, %s; its key's fingerprint %s)\n", st.Peer.Name, addr, st.Pattern, st.CipherSuite, st.PeerKey.Fingerprint())
 	return pipe(e, conn)
 }
 
@@ -409,7 +409,9 @@ func connectVia(e *env, o *connectOptions, cfg *noisetor.Config, peer string) er
 		return err
 	}
 	st := conn.ConnectionState()
-	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s through sync server %s (%s, %s)\n", st.Peer.Name, o.via.server, st.Pattern, st.CipherSuite)
+	// The fingerprint shows whom the sync server routed us to: a wrong key
+	// under the right name reaches whichever machine holds that key.
+	fmt.Fprintf(e.stderr, "noisetor connect: connected to %s through sync server %s (%s, %s; its key's fingerprint %s)\n", st.Peer.Name, o.via.server, st.Pattern, st.CipherSuite, st.PeerKey.Fingerprint())
 	return pipe(e, conn)
 }
 
