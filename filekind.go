@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 )
 
@@ -63,11 +62,15 @@ func publicFileKind(data []byte) string {
 // file (it may be group-readable: that is the point), and names the public
 // kind it is, or returns "".
 func sniffPublicFile(path string) string {
-	f, err := os.Open(path)
+	// Without blocking on a FIFO or a device, whatever path is.
+	f, err := openNonBlocking(path)
 	if err != nil {
 		return ""
 	}
 	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return ""
+	}
 	data, err := io.ReadAll(io.LimitReader(f, maxKeyringSize))
 	if err != nil {
 		return ""
