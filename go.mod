@@ -3,7 +3,6 @@ module github.com/noisetor/noisetor
 go 1.26.8
 
 require (
-	filippo.io/edwards25519 v1.2.0
 	github.com/cretz/bine v0.2.0
 	github.com/flynn/noise v1.1.0
 	github.com/miekg/pkcs11 v1.1.2
