@@ -42,7 +42,7 @@ func (e *pkcs11Err) text() string {
 	case errors.As(e.cause, &inner) && inner == e.cause:
 		return e.msg + ": " + inner.text()
 	}
-	return e.msg + ": " + strings.TrimPrefix(e.cause.Error(), "noisetor: ")
+	return e.msg + ": " + unprefixed(e.cause)
 }
 
 func (e *pkcs11Err) Unwrap() []error {

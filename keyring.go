@@ -423,7 +423,7 @@ func openKeyringFile(path string) (*os.File, error) {
 	if err != nil {
 		var ue *unsafeFileError
 		if errors.As(err, &ue) {
-			return nil, &KeyringError{Path: path, Err: &peerError{ue, strings.TrimPrefix(ue.Error(), "noisetor: ")}}
+			return nil, &KeyringError{Path: path, Err: &peerError{ue, unprefixed(ue)}}
 		}
 		return nil, fmt.Errorf("noisetor: loading keyring: %w", errors.Unwrap(err))
 	}
@@ -811,7 +811,7 @@ func normalizeClientAuth(s string) (string, error) {
 // keyError wraps an ErrBadKey error from keys.go for a KeyringError,
 // dropping its "noisetor: " prefix since KeyringError adds its own.
 func keyError(what string, err error) error {
-	return &peerError{err, what + ": " + strings.TrimPrefix(err.Error(), "noisetor: ")}
+	return &peerError{err, what + ": " + unprefixed(err)}
 }
 
 // A peerError is a keyring error whose message has no "noisetor: " prefix,

@@ -412,17 +412,3 @@ func writePrivateFile(path string, b []byte) error {
 	}
 	return nil
 }
-
-// contextError adds context, such as a file name, to an error that may
-// already start with "noisetor: ", without saying "noisetor:" twice:
-// "noisetor: <context>: <problem>".
-type contextError struct {
-	context string
-	err     error
-}
-
-func (e *contextError) Error() string {
-	return "noisetor: " + e.context + ": " + strings.TrimPrefix(e.err.Error(), "noisetor: ")
-}
-
-func (e *contextError) Unwrap() error { return e.err }

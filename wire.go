@@ -2,7 +2,6 @@ package noisetor
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 )
@@ -26,31 +25,6 @@ const (
 	recordConfirm = 1
 	recordRekey   = 2
 	recordClose   = 3
-)
-
-// Errors a handshake can fail with. Match them with errors.Is; the returned
-// error says more.
-var (
-	// ErrUnknownPeer: the remote static key (or, for a KK preamble, the
-	// initiator's key) is not in the keyring, or the initiator does not know
-	// our public key.
-	ErrUnknownPeer = errors.New("noisetor: peer not in keyring")
-	// ErrVersion: the peer speaks another wire version or asked for a pattern,
-	// curve or cipher this side does not accept.
-	ErrVersion = errors.New("noisetor: unsupported protocol version or parameters")
-	// ErrReplay: a preamble seen before was sent again.
-	ErrReplay = errors.New("noisetor: replayed handshake")
-	// ErrHandshake: a handshake message failed to decrypt or was malformed.
-	ErrHandshake = errors.New("noisetor: handshake failed")
-	// ErrRefused: the responder closed the connection instead of answering
-	// our handshake. There are no error messages on the wire, so the
-	// initiator cannot be told why; the error lists the causes: the
-	// responder does not list our key, we hold a wrong key for it, our
-	// clocks differ by more than 10 minutes, or it is over its limits.
-	ErrRefused = errors.New("noisetor: refused by the responder")
-	// ErrFrame: a transport frame failed to authenticate or was malformed. The
-	// connection is unusable afterwards.
-	ErrFrame = errors.New("noisetor: bad frame")
 )
 
 // readMessage reads one length-prefixed message (handshake or transport frame)
