@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/noisetor/noisetor/internal/libtor"
@@ -57,13 +56,19 @@ func Shared(t TB) *Network {
 	return shared.n
 }
 
-// Main runs the tests and exits: os.Exit(Run(m)). Call it from TestMain.
-func Main(m *testing.M) { os.Exit(Run(m)) }
+// M is what Main and Run need of a *testing.M. It is an interface so that a
+// program that uses tortest outside tests (noisetor demo) does not link
+// package testing.
+type M interface{ Run() int }
+
+// Main runs the tests and exits: os.Exit(Run(m)). Call it from TestMain
+// with its *testing.M.
+func Main(m M) { os.Exit(Run(m)) }
 
 // Run runs the tests (m.Run), then stops the shared network if a test
 // started one, and returns the tests' exit code. Use it instead of Main
 // when TestMain has more to do; stop tors that use the network first.
-func Run(m *testing.M) int {
+func Run(m M) int {
 	code := m.Run()
 	if err := CloseShared(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
