@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -189,7 +188,7 @@ func (d *demo) preflight() error {
 	if len(missing) > 0 {
 		return fmt.Errorf("the demo needs %s.\nRun scripts/install-deps.sh (Debian/Ubuntu), or install them yourself", strings.Join(missing, " and "))
 	}
-	if !builtWithCgo() {
+	if !noisetor.PKCS11Available() {
 		return errors.New("the demo keeps the co-signer's key in SoftHSM, which needs PKCS#11 support, and this noisetor was built without cgo: rebuild it with CGO_ENABLED=1 and a C compiler (Debian/Ubuntu: apt-get install gcc)")
 	}
 	if _, err := os.Executable(); err != nil {
@@ -231,48 +230,83 @@ func (d *demo) cli(args ...string) (string, error) {
 
 // ceremony makes every key and keyring with the same commands an operator
 // would run, and shows what the operators compare by phone.
+// ceremony is the key ceremony of the five roles, step by step as the
+// operators would do it: the co-signer's token, every static key, the Tor
+// keys, the keyrings, the check by phone; then each role's configuration.
 func (d *demo) ceremony() error {
 	for _, r := range demoRoles {
 		if err := os.MkdirAll(filepath.Join(d.dir, r), 0o700); err != nil {
 			return err
 		}
 	}
-
-	// The co-signer's key is made inside a token (SoftHSM here; a real
-	// deployment uses an HSM or a USB token).
-	store, err := softhsm.NewStore(filepath.Join(d.dir, "softhsm"))
+	tok, err := d.makeToken()
 	if err != nil {
 		return err
+	}
+	lines, err := d.makeStaticKeys(tok)
+	if err != nil {
+		return err
+	}
+	auth, err := d.makeTorKeys()
+	if err != nil {
+		return err
+	}
+	if err := d.writeKeyrings(lines, auth); err != nil {
+		return err
+	}
+	if err := d.checkByPhone(); err != nil {
+		return err
+	}
+	return d.writeRoleConfigs(tok)
+}
+
+// demoToken is the co-signer's SoftHSM token.
+type demoToken struct {
+	module, pinFile string
+}
+
+// args are the keygen flags that select the co-signer's key on the token.
+func (t demoToken) args() []string {
+	return []string{"--pkcs11", "--pkcs11-module", t.module, "--pkcs11-token", "cosigner",
+		"--pkcs11-key", "cosigner", "--pkcs11-pin-file", t.pinFile}
+}
+
+// makeToken makes the token that will hold the co-signer's key (SoftHSM
+// here; a real deployment uses an HSM or a USB token).
+func (d *demo) makeToken() (demoToken, error) {
+	store, err := softhsm.NewStore(filepath.Join(d.dir, "softhsm"))
+	if err != nil {
+		return demoToken{}, err
 	}
 	pin, err := randomDigits(8)
 	if err != nil {
-		return err
+		return demoToken{}, err
 	}
 	soPIN, err := randomDigits(8)
 	if err != nil {
-		return err
+		return demoToken{}, err
 	}
 	if _, err := store.InitToken("cosigner", pin, soPIN); err != nil {
-		return err
+		return demoToken{}, err
 	}
-	pinFile := d.path("cosigner", "token.pin")
-	if err := os.WriteFile(pinFile, []byte(pin+"\n"), 0o600); err != nil {
-		return err
+	tok := demoToken{module: store.Module, pinFile: d.path("cosigner", "token.pin")}
+	if err := os.WriteFile(tok.pinFile, []byte(pin+"\n"), 0o600); err != nil {
+		return demoToken{}, err
 	}
 	// SoftHSM reads its configuration when the module is first loaded: this
 	// process loads it only for keygen, the co-signer process for its DH.
-	if err := store.Setenv(); err != nil {
-		return err
-	}
-	token := []string{"--pkcs11", "--pkcs11-module", store.Module, "--pkcs11-token", "cosigner",
-		"--pkcs11-key", "cosigner", "--pkcs11-pin-file", pinFile}
+	return tok, store.Setenv()
+}
 
+// makeStaticKeys makes every role's static key, the co-signer's on the
+// token, and returns the ceremony lines.
+func (d *demo) makeStaticKeys(tok demoToken) (map[string]string, error) {
 	lines := make(map[string]string) // role -> ceremony line
 	where := make(map[string]string)
 	for _, r := range demoRoles {
 		var args []string
 		if r == "cosigner" {
-			args = append([]string{"keygen"}, token...)
+			args = append([]string{"keygen"}, tok.args()...)
 			where[r] = `SoftHSM token "cosigner" (never leaves it)`
 		} else {
 			args = []string{"keygen", "-o", d.path(r, r+".key")}
@@ -280,12 +314,11 @@ func (d *demo) ceremony() error {
 		}
 		line, err := d.cli(args...)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		f := strings.Fields(line)
-		pub, err := noisetor.ParsePublicKey(f[1])
+		pub, err := noisetor.ParsePublicKey(strings.Fields(line)[1])
 		if err != nil {
-			return err
+			return nil, err
 		}
 		lines[r], d.keys[r] = line, pub
 	}
@@ -297,14 +330,18 @@ func (d *demo) ceremony() error {
 		}
 		d.printf("    %-10s  %s  in %s%s\n", r, d.keys[r].Fingerprint(), where[r], note)
 	}
+	return lines, nil
+}
 
-	// Listening roles get onion service keys, whose addresses go in the
-	// keyrings before the services first run; dialing roles get Tor
-	// client-authorization keys, so only they can even find the services.
+// makeTorKeys makes the listening roles' onion service keys, whose
+// addresses go in the keyrings before the services first run, and the
+// dialing roles' Tor client-authorization keys, so that only they can even
+// find the services. It returns the client-auth public keys.
+func (d *demo) makeTorKeys() (map[string]string, error) {
 	for r, port := range map[string]int{"cosigner": cosignerPort, "syncserver": syncserverPort} {
 		addr, err := d.cli("onion-key", "-o", d.path(r, r+".onion-key"), "--port", fmt.Sprint(port))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		d.onions[r] = addr
 	}
@@ -312,7 +349,7 @@ func (d *demo) ceremony() error {
 	for _, r := range []string{"wallet", "watchtower"} {
 		pub, err := d.cli("client-auth-key", "-o", d.path(r, r+".auth-key"))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		auth[r] = pub
 	}
@@ -320,14 +357,18 @@ func (d *demo) ceremony() error {
 	// but not its static key.
 	stolen, err := os.ReadFile(d.path("wallet", "wallet.auth-key"))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := os.WriteFile(d.path("outsider", "stolen-wallet.auth-key"), stolen, 0o600); err != nil {
-		return err
+		return nil, err
 	}
 	d.printf("  Onion services: cosigner %s\n                  syncserver %s\n", d.onions["cosigner"], d.onions["syncserver"])
+	return auth, nil
+}
 
-	// Each keyring lists only the peers that machine talks to.
+// writeKeyrings gives each machine a keyring that lists only the peers it
+// talks to.
+func (d *demo) writeKeyrings(lines, auth map[string]string) error {
 	type entry struct{ peer, addr, auth string }
 	keyrings := map[string][]entry{
 		"cosigner":   {{"wallet", "", auth["wallet"]}},
@@ -359,9 +400,12 @@ func (d *demo) ceremony() error {
 		}
 		d.printf("    %-10s  %s  lists %s\n", r, fp, strings.Join(names, ", "))
 	}
+	return nil
+}
 
-	// What the operators check by phone: the key each machine holds for a
-	// peer is the key that peer made.
+// checkByPhone is what the operators check by phone: the key each machine
+// holds for a peer is the key that peer made.
+func (d *demo) checkByPhone() error {
 	kr, err := noisetor.LoadKeyring(d.path("wallet", "wallet.keyring"))
 	if err != nil {
 		return err
@@ -371,8 +415,11 @@ func (d *demo) ceremony() error {
 		return errors.New("the wallet's keyring holds another key for the co-signer")
 	}
 	d.printf("  By phone: the co-signer's operator reads %s; the wallet's keyring entry\n  for cosigner has the same fingerprint, so the key arrived intact.\n", d.keys["cosigner"].Fingerprint())
+	return nil
+}
 
-	// The roles' configurations.
+// writeRoleConfigs writes each role's configuration for its process.
+func (d *demo) writeRoleConfigs(tok demoToken) error {
 	for _, r := range demoRoles {
 		rc := roleConfig{
 			Role:        r,
@@ -381,7 +428,7 @@ func (d *demo) ceremony() error {
 		}
 		switch r {
 		case "cosigner":
-			rc.PKCS11 = &roleToken{Module: store.Module, Token: "cosigner", Key: "cosigner", PINFile: pinFile}
+			rc.PKCS11 = &roleToken{Module: tok.module, Token: "cosigner", Key: "cosigner", PINFile: tok.pinFile}
 		default:
 			rc.KeyFile = d.path(r, r+".key")
 		}
@@ -403,21 +450,6 @@ func (d *demo) ceremony() error {
 		}
 	}
 	return nil
-}
-
-// builtWithCgo reports whether this binary has PKCS#11 support, which needs
-// cgo.
-func builtWithCgo() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return true // unknown: let the keygen step say what is wrong
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "CGO_ENABLED" {
-			return s.Value == "1"
-		}
-	}
-	return true
 }
 
 func randomDigits(n int) (string, error) {
