@@ -19,10 +19,7 @@ func BenchmarkPreambleReject(b *testing.B) {
 	responder := func(peers int) *Config {
 		ring := new(Keyring)
 		for i := range peers {
-			k, err := GenerateKey(X25519, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
+			k := mustKey(b)
 			if err := ring.Add(Peer{Name: fmt.Sprintf("p%d", i), PublicKey: k.PublicKey()}); err != nil {
 				b.Fatal(err)
 			}

@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"io"
-	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -37,7 +36,7 @@ import (
 func benchPeers(b *testing.B, pattern Pattern, suite CipherSuite) (client, server *Config) {
 	b.Helper()
 	ps := newTestPeers(b, "client", "server")
-	discard := slog.New(slog.NewTextHandler(io.Discard, nil))
+	discard := discardLogger()
 	client, server = ps["client"].cfg, ps["server"].cfg
 	client.Logger, server.Logger = discard, discard
 	client.Patterns, client.CipherSuites = []Pattern{pattern}, []CipherSuite{suite}
@@ -550,10 +549,7 @@ func BenchmarkHandshakeKeyring(b *testing.B) {
 func manyPeers(b *testing.B, n int) []Peer {
 	manyPeersOnce.Do(func() {
 		for i := range n {
-			k, err := GenerateKey(X25519, nil)
-			if err != nil {
-				b.Fatal(err)
-			}
+			k := mustKey(b)
 			manyPeersList = append(manyPeersList, Peer{Name: "peer-" + strconv.Itoa(i), PublicKey: k.PublicKey()})
 		}
 	})

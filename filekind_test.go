@@ -13,10 +13,7 @@ import (
 // a key file given as the keyring).
 func TestWrongKindOfFile(t *testing.T) {
 	dir := t.TempDir()
-	k, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := mustKey(t)
 	keyFile := filepath.Join(dir, "a.key")
 	if err := SavePrivateKey(keyFile, k); err != nil {
 		t.Fatal(err)

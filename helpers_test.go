@@ -43,10 +43,7 @@ func newTestPeers(t testing.TB, names ...string) map[string]*testPeer {
 	peers := map[string]*testPeer{}
 	var ring []Peer
 	for _, n := range names {
-		k, err := GenerateKey(X25519, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		k := mustKey(t)
 		logs := &syncBuffer{}
 		peers[n] = &testPeer{name: n, key: k, logs: logs, cfg: &Config{
 			StaticKey: k,
@@ -266,3 +263,16 @@ func delayProxy(t testing.TB, target, from string, oneWay time.Duration) string 
 	})
 	return ln.Addr().String()
 }
+
+// mustKey returns a new X25519 key.
+func mustKey(t testing.TB) *PrivateKey {
+	t.Helper()
+	k, err := GenerateKey(X25519, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// discardLogger is a Logger that drops every record.
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }

@@ -474,7 +474,7 @@ func (r *hsmDetRand) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-var hsmDiscardLogger = slog.New(slog.NewTextHandler(io.Discard, nil))
+var hsmDiscardLogger = discardLogger()
 
 // hsmLogBuf collects log output from several goroutines.
 type hsmLogBuf struct {

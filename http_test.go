@@ -78,14 +78,6 @@ func TestHTTPOverNoisetor(t *testing.T) {
 	}
 }
 
-func mustKey(t testing.TB) *PrivateKey {
-	k, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
 // Failed handshakes never reach Accept, so http.Serve keeps serving.
 func TestHTTPServeSurvivesBadClients(t *testing.T) {
 	ps := newTestPeers(t, "server", "client")

@@ -183,10 +183,7 @@ func TestKeyringFileMalformedKeepsOld(t *testing.T) {
 	ring := r.ps["server"].cfg.Keyring
 	fp := ring.Fingerprint()
 
-	secret, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	secret := mustKey(t)
 	secretText := strings.TrimSpace(string(secret.MarshalPrivateText()))
 	good := r.lines(t, "bob") // without alice, had it been applied
 	bad := strings.Replace(string(good), "\nbob ", "\ncarol "+secretText+"\nbob ", 1)
@@ -289,7 +286,7 @@ func TestKeyringFileNonAtomicWrites(t *testing.T) {
 func TestKeyringFileReloadUnderHandshakes(t *testing.T) {
 	checkNoGoroutineLeak(t)
 	r := newFileRig(t, 2*time.Millisecond, -1)
-	r.ps["server"].cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	r.ps["server"].cfg.Logger = discardLogger()
 	r.kf.Logger = r.ps["server"].cfg.Logger
 	with, without := r.lines(t, "alice", "bob"), r.lines(t, "bob")
 

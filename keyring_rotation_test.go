@@ -282,10 +282,7 @@ func TestKeyRotationThroughRelay(t *testing.T) {
 	until := time.Now().Add(24 * time.Hour).Truncate(time.Second)
 	clock := newRotationClock(until.Add(-time.Hour))
 	peers := newTestPeers(t, "sync", "wallet", "tower")
-	next, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	next := mustKey(t)
 	tower := peers["tower"]
 	rotating := Peer{Name: "tower", PublicKey: tower.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until}
 	for _, name := range []string{"sync", "wallet"} {

@@ -51,14 +51,8 @@ func TestScale(t *testing.T) {
 	raiseFileLimit(t, n+1000)
 
 	dir := t.TempDir()
-	serverKey, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	clientKey, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	serverKey := mustKey(t)
+	clientKey := mustKey(t)
 	kr, err := NewKeyring(
 		Peer{Name: "server", PublicKey: serverKey.PublicKey()},
 		Peer{Name: "client", PublicKey: clientKey.PublicKey()},

@@ -196,10 +196,7 @@ func (s *torBuffer) String() string {
 
 func torStaticKey(t testing.TB) *PrivateKey {
 	t.Helper()
-	k, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := mustKey(t)
 	return k
 }
 
@@ -346,14 +343,8 @@ func newTorPeers(t testing.TB, port int) *torPeers {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sk, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wk, err := GenerateKey(X25519, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sk := mustKey(t)
+	wk := mustKey(t)
 	addr := fmt.Sprintf("%s:%d", ok.Address(), port)
 	skr, err := NewKeyring(Peer{Name: "server", PublicKey: sk.PublicKey()},
 		Peer{Name: "wallet", PublicKey: wk.PublicKey(), ClientAuth: cak.PublicKey()})
