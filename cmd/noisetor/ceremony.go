@@ -406,7 +406,7 @@ func runKeyring(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		fmt.Fprintf(e.stdout, "%s: ok, %s, fingerprint %s\n", args[0], nPeers(kr.Len()), kr.Fingerprint())
 		return nil
 	case "diff":
-		if err := wantArgs(args, 2, 2, "the old and the new keyring file"); err != nil {
+		if err := wantArgs(args, 2, 2, "the old keyring file and the new keyring file"); err != nil {
 			return err
 		}
 		return keyringDiff(e, args[0], args[1])

@@ -85,7 +85,7 @@ func TestKeyringDiff(t *testing.T) {
 	cli(t, "", "keyring", "diff", oldRing, bad).want(t, diffTrouble, "bad.keyring:2:")
 	cli(t, "", "keyring", "diff", j("nope"), oldRing).want(t, diffTrouble, "no such file")
 	cli(t, "bob x\n", "keyring", "diff", oldRing, "-").want(t, diffTrouble, "standard input")
-	cli(t, "", "keyring", "diff", oldRing).want(t, diffTrouble, "missing the old and the new keyring file")
+	cli(t, "", "keyring", "diff", oldRing).want(t, diffTrouble, "missing the new keyring file (after the old keyring file)")
 	cli(t, "", "keyring", "diff", "-", "-").want(t, diffTrouble, "only one")
 	cli(t, "", "keyring", "diff", oldRing, newRing, "--addr", "1.2.3.4:5").want(t, diffTrouble, "for 'keyring add'")
 	os.Chmod(newRing, 0o666)

@@ -275,6 +275,11 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 func wantArgs(args []string, min, max int, what string) error {
 	switch {
 	case len(args) < min:
+		// what lists the arguments, "a, b and c": name only those missing.
+		items := strings.Split(strings.Replace(what, " and ", ", ", 1), ", ")
+		if len(args) > 0 && len(items) == min {
+			return usagef("missing %s (after %s)", strings.Join(items[len(args):], " and "), strings.Join(items[:len(args)], " and "))
+		}
 		return usagef("missing %s", what)
 	case max >= 0 && len(args) > max:
 		return usagef("unexpected argument %s", echoArg(args[max]))

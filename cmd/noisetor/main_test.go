@@ -192,7 +192,7 @@ func TestKeyring(t *testing.T) {
 	cli(t, "", "keyring", "add", ring, "x", "x25519:AAAA").want(t, exitFail, "bad key")
 	cli(t, "", "keyring", "add", ring, "x", f[1], "--auth", "nope").want(t, exitFail, `peer "x": auth`)
 	cli(t, "", "keyring", "add", ring, "x", f[1], "bogus=1").want(t, exitUsage, "unexpected argument")
-	cli(t, "", "keyring", "add", ring, "x").want(t, exitUsage, "missing")
+	cli(t, "", "keyring", "add", ring, "x").want(t, exitUsage, "missing its public key (after the keyring file and the peer")
 	cli(t, "", "keyring", "list", ring, "--addr", "1.2.3.4:5").want(t, exitUsage, "for 'keyring add'")
 	cli(t, "", "keyring", "frob", ring).want(t, exitUsage, "unknown keyring subcommand")
 	cli(t, "", "keyring").want(t, exitUsage, "missing subcommand")
