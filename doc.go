@@ -21,19 +21,22 @@
 //
 // A Conn is a net.Conn; ConnectionState tells who is on the other side and
 // gives the handshake hash for channel binding; ConnContext and
-// PeerFromContext carry the peer into net/http handlers. Errors match the
+// ConnectionStateFromContext carry it into net/http handlers. Errors match the
 // Err* values with errors.Is: ErrRefused, for one, when a server closed the
 // connection instead of answering our handshake.
 //
 // Where to start:
-//   - keys and keyrings: GenerateKey, LoadPrivateKey, LoadKeyring, and
-//     Keyring.Update to change a keyring while running (a removed peer loses
-//     its connections at once);
+//   - keys and keyrings: GenerateKey, LoadPrivateKey, LoadKeyring;
+//     KeyringFile keeps a running process's keyring equal to its file (a
+//     removed peer loses its connections at once), Peer.NextKey and
+//     Config.PreviousStaticKey rotate a key without a flag day;
 //   - Tor: StartTor or AttachTor, then Tor.ListenOnion for an onion service
 //     with client authorization and TorDialer to reach one;
 //   - the sync server: RelayServer carries wallet↔watchtower sessions that it
 //     can neither read nor alter; RelayClient dials and listens through it;
 //   - hardware keys: OpenPKCS11Key (built with cgo);
+//   - monitoring: Config.PeerStates and Config.Refusals, served by package
+//     monitor as JSON and Prometheus metrics;
 //   - the wire format, for other implementations: WIRE.md, with test vectors.
 //
 // The noisetor command (cmd/noisetor) runs key ceremonies, tests links and
