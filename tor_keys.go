@@ -78,11 +78,7 @@ func newOnionKey(expanded []byte) (*OnionKey, error) {
 // ServiceID returns the service's address without ".onion": 56 base32
 // characters, per rend-spec-v3 §6.
 func (k *OnionKey) ServiceID() string {
-	h := sha3.New256()
-	h.Write([]byte(".onion checksum"))
-	h.Write(k.pub[:])
-	h.Write([]byte{3})
-	raw := append(append(k.pub[:], h.Sum(nil)[:2]...), 3)
+	raw := append(append(k.pub[:], onionChecksum(k.pub[:], onionVersion)...), onionVersion)
 	return strings.ToLower(torBase32.EncodeToString(raw))
 }
 
@@ -259,16 +255,69 @@ func SaveClientAuthKey(path string, k *ClientAuthKey) error {
 	return writePrivateFile(path, k.MarshalPrivateText())
 }
 
-// parseClientAuthPublic decodes a 52-character base32 x25519 public key,
-// with or without tor's "descriptor:x25519:" prefix.
-func parseClientAuthPublic(s string) ([]byte, error) {
-	s = strings.TrimPrefix(strings.TrimSpace(s), "descriptor:x25519:")
-	raw, err := torBase32.DecodeString(strings.ToUpper(s))
-	if err != nil || len(raw) != 32 {
-		return nil, badKey("not a 52-character base32 x25519 public key")
+// A v3 onion address, per rend-spec-v3 §6, is base32(PUBKEY || CHECKSUM ||
+// VERSION) + ".onion", with VERSION = 3 and CHECKSUM = SHA3-256(".onion
+// checksum" || PUBKEY || VERSION)[:2].
+const onionVersion = 3
+
+// onionChecksum returns the CHECKSUM of an onion address.
+func onionChecksum(pub []byte, version byte) []byte {
+	h := sha3.New256()
+	h.Write([]byte(".onion checksum"))
+	h.Write(pub)
+	h.Write([]byte{version})
+	return h.Sum(nil)[:2]
+}
+
+// checkOnion checks a lower-case Tor v3 onion address.
+func checkOnion(host string) error {
+	label := strings.TrimSuffix(host, ".onion")
+	if len(label) != 56 || strings.Contains(label, ".") {
+		return errors.New("an onion address must be 56 base32 characters + \".onion\" (Tor v3; v2 and subdomains are not accepted)")
+	}
+	raw, err := torBase32.DecodeString(strings.ToUpper(label))
+	if err != nil || len(raw) != 35 {
+		return errors.New("onion address is not valid base32")
+	}
+	pub, sum, version := raw[:32], raw[32:34], raw[34]
+	if version != onionVersion {
+		return fmt.Errorf("onion address has version %d, want 3", version)
+	}
+	if !bytes.Equal(onionChecksum(pub, version), sum) {
+		return errors.New("onion address checksum is wrong (a typo?)")
+	}
+	return nil
+}
+
+// clientAuthPrefix starts a client-auth public key as tor writes it in an
+// authorized_clients file.
+const clientAuthPrefix = "descriptor:x25519:"
+
+// parseClientAuthPublic checks a Tor v3 client-authorization public key, the
+// bare key or with tor's "descriptor:x25519:" prefix, and returns it as 52
+// upper-case base32 characters without prefix. Errors never quote s.
+func parseClientAuthPublic(s string) (string, error) {
+	if len(s) > len(clientAuthPrefix) && strings.EqualFold(s[:len(clientAuthPrefix)], clientAuthPrefix) {
+		s = s[len(clientAuthPrefix):]
+	}
+	if strings.Contains(strings.ToLower(s), ":descriptor:") {
+		// "<onion>:descriptor:x25519:<key>" is the .auth_private format,
+		// whose key is the client's private key.
+		return "", badKey("this looks like a Tor .auth_private line, which holds the PRIVATE client-auth key; use the public key (the descriptor:x25519:... line of the .auth file)")
+	}
+	if strings.Contains(s, ":") {
+		return "", badKey("want descriptor:x25519:<52 base32 characters>, or the bare key")
+	}
+	if len(s) != 52 {
+		return "", badKey("want 52 base32 characters (a 32-byte x25519 public key)")
+	}
+	u := strings.ToUpper(s)
+	raw, err := torBase32.DecodeString(u)
+	if err != nil || len(raw) != 32 || torBase32.EncodeToString(raw) != u {
+		return "", badKey("not a base32-encoded 32-byte key")
 	}
 	if _, err := NewPublicKey(X25519, raw); err != nil {
-		return nil, err
+		return "", err
 	}
-	return raw, nil
+	return u, nil
 }

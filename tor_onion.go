@@ -334,11 +334,10 @@ func (t *Tor) onionTarget(ln net.Listener, name string) (net.Listener, string, e
 func (l *OnionListener) clientAuthKeys() ([]string, error) {
 	var keys []string
 	add := func(who, k string) error {
-		raw, err := parseClientAuthPublic(k)
+		s, err := parseClientAuthPublic(strings.TrimSpace(k))
 		if err != nil {
 			return fmt.Errorf("noisetor: client-auth key of %s: %w", who, err)
 		}
-		s := torBase32.EncodeToString(raw)
 		if !slices.Contains(keys, s) {
 			keys = append(keys, s)
 		}
