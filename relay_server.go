@@ -433,70 +433,107 @@ func (s *RelayServer) pinger(reg *relayRegistration, interval time.Duration) {
 	}
 }
 
+// A relaySession is a CONNECT request from its reservation on.
+type relaySession struct {
+	c        *Conn // the requester's connection
+	from, to Peer
+	start    time.Time
+	reg      *relayRegistration // the target's registration; nil if it has none
+	token    string             // of the ACCEPT the target is asked for
+	pending  *relayPending
+	id       slog.Attr // "session", once the target is asked
+}
+
+// connect serves a CONNECT in three steps: reserve a session, wait for the
+// target's ACCEPT connection, splice the two.
 func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
+	rs := s.reserveSession(c, from, arg, start)
+	if rs == nil {
+		return
+	}
+	defer s.releaseSession(rs)
+	tc := s.waitTarget(rs)
+	if tc == nil {
+		return
+	}
+	s.splice(rs, tc)
+}
+
+// reserveSession checks a CONNECT against the keyring, the policy and the
+// session limits and, if it passes, takes a session for the requester and,
+// if the target is registered, a token for its ACCEPT. Otherwise it refuses
+// the request and returns nil.
+func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.Time) *relaySession {
 	key, err := ParsePublicKey(arg)
 	if err != nil {
 		s.refuse(c, "connect", from.Name, "", relayCodeBadRequest, "CONNECT needs the target's public key", start)
-		return
+		return nil
 	}
 	to, ok := s.Config.Keyring.ByKey(key)
 	if !ok {
 		s.refuse(c, "connect", from.Name, "key:"+key.Fingerprint(), relayCodeUnknownPeer,
 			"the target's key (fingerprint "+key.Fingerprint()+") is not in the sync server's keyring", start)
-		return
+		return nil
 	}
 	if s.Allow == nil || !s.Allow(from, to) {
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeDenied,
 			fmt.Sprintf("policy does not allow %s to reach %s", from.Name, to.Name), start)
-		return
+		return nil
 	}
 	s.mu.Lock()
 	if s.sessions >= s.maxSessions() {
 		s.mu.Unlock()
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%d sessions already", s.maxSessions()), start)
-		return
+		return nil
 	}
 	if s.perPeer[from.PublicKey] >= s.maxSessionsPerPeer() {
 		s.mu.Unlock()
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%s has %d sessions already", from.Name, s.maxSessionsPerPeer()), start)
-		return
+		return nil
 	}
 	if s.perPeer == nil {
 		s.perPeer = make(map[PublicKey]int)
 	}
 	s.sessions++
 	s.perPeer[from.PublicKey]++
-	reg := s.registered[to.PublicKey]
-	var token string
-	var p *relayPending
-	if reg != nil {
-		token = newRelayToken()
-		p = &relayPending{to: to.PublicKey, ch: make(chan *Conn, 1)}
-		s.pending[token] = p
+	rs := &relaySession{c: c, from: from, to: to, start: start, reg: s.registered[to.PublicKey]}
+	if rs.reg != nil {
+		rs.token = newRelayToken()
+		rs.pending = &relayPending{to: to.PublicKey, ch: make(chan *Conn, 1)}
+		s.pending[rs.token] = rs.pending
 	}
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		s.sessions--
-		if s.perPeer[from.PublicKey]--; s.perPeer[from.PublicKey] == 0 {
-			delete(s.perPeer, from.PublicKey)
-		}
-		s.mu.Unlock()
-	}()
-	if reg == nil {
-		s.refuse(c, "connect", from.Name, to.Name, relayCodeOffline, to.Name+" is not registered with the sync server", start)
-		return
+	return rs
+}
+
+// releaseSession gives back the session of rs.
+func (s *RelayServer) releaseSession(rs *relaySession) {
+	s.mu.Lock()
+	s.sessions--
+	if s.perPeer[rs.from.PublicKey]--; s.perPeer[rs.from.PublicKey] == 0 {
+		delete(s.perPeer, rs.from.PublicKey)
 	}
-	id := s.nextID.Add(1)
-	session := slog.Uint64("session", id)
+	s.mu.Unlock()
+}
+
+// waitTarget asks the target for an ACCEPT connection (INCOMING) and waits
+// for it for AcceptTimeout. If the target is not registered or does not
+// answer, it refuses the request and returns nil.
+func (s *RelayServer) waitTarget(rs *relaySession) *Conn {
+	c, from, to, start := rs.c, rs.from, rs.to, rs.start
+	if rs.reg == nil {
+		s.refuse(c, "connect", from.Name, to.Name, relayCodeOffline, to.Name+" is not registered with the sync server", start)
+		return nil
+	}
+	rs.id = slog.Uint64("session", s.nextID.Add(1))
 
 	var tc *Conn
-	if err := reg.send("INCOMING " + token + " " + c.ConnectionState().PeerKey.String()); err != nil {
-		reg.kill()
+	if err := rs.reg.send("INCOMING " + rs.token + " " + c.ConnectionState().PeerKey.String()); err != nil {
+		rs.reg.kill()
 	} else {
 		timer := time.NewTimer(s.acceptTimeout())
 		select {
-		case tc = <-p.ch:
+		case tc = <-rs.pending.ch:
 		case <-timer.C:
 		case <-s.done:
 		}
@@ -504,24 +541,30 @@ func (s *RelayServer) connect(c *Conn, from Peer, arg string, start time.Time) {
 	}
 	if tc == nil {
 		s.mu.Lock()
-		if s.pending[token] == p {
-			delete(s.pending, token)
+		if s.pending[rs.token] == rs.pending {
+			delete(s.pending, rs.token)
 		} else {
-			tc = <-p.ch // the ACCEPT won the race
+			tc = <-rs.pending.ch // the ACCEPT won the race
 		}
 		s.mu.Unlock()
 	}
 	if tc == nil {
 		select {
 		case <-s.done:
-			s.refuse(c, "connect", from.Name, to.Name, relayCodeShuttingDown, "the sync server is shutting down", start, session)
+			s.refuse(c, "connect", from.Name, to.Name, relayCodeShuttingDown, "the sync server is shutting down", start, rs.id)
 		default:
 			s.refuse(c, "connect", from.Name, to.Name, relayCodeNoAnswer,
-				fmt.Sprintf("%s is registered but did not answer within %v", to.Name, s.acceptTimeout()), start, session)
+				fmt.Sprintf("%s is registered but did not answer within %v", to.Name, s.acceptTimeout()), start, rs.id)
 		}
-		return
+		return nil
 	}
+	return tc
+}
 
+// splice tells the target's ACCEPT connection tc and then the requester OK,
+// and splices the two until the session ends.
+func (s *RelayServer) splice(rs *relaySession, tc *Conn) {
+	c, from, to, start, session := rs.c, rs.from, rs.to, rs.start, rs.id
 	deadline := time.Now().Add(relayWriteTimeout)
 	tc.SetDeadline(deadline)
 	c.SetDeadline(deadline)
