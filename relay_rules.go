@@ -33,7 +33,7 @@ func (r RelayRules) Check(kr *Keyring) error {
 	peers := kr.Peers()
 	for _, rule := range r {
 		for _, pat := range []string{rule.From, rule.To} {
-			if err := checkRelayPattern(pat); err != nil {
+			if err := CheckRelayPattern(pat); err != nil {
 				return fmt.Errorf("noisetor: relay rule %q -> %q: %v", rule.From, rule.To, err)
 			}
 			found := false
@@ -51,9 +51,11 @@ func (r RelayRules) Check(kr *Keyring) error {
 	return nil
 }
 
-// checkRelayPattern reports a malformed pattern, without quoting it (the
-// caller adds context).
-func checkRelayPattern(pat string) error {
+// CheckRelayPattern reports a malformed RelayRule pattern. Its error does not
+// quote the pattern and has no "noisetor: " prefix: the caller adds the
+// context (Check, and the relay configuration of the noisetor command, which
+// must not quote what could be a secret pasted into the wrong file).
+func CheckRelayPattern(pat string) error {
 	if pat == "" || len(pat) > maxNameLen {
 		return fmt.Errorf("a pattern must be 1 to %d characters", maxNameLen)
 	}

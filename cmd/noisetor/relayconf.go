@@ -1,4 +1,4 @@
-package noisetor
+package main
 
 import (
 	"bufio"
@@ -15,7 +15,12 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/noisetor/noisetor"
 )
+
+// The configuration file of `noisetor relay`, parsed here, in the command:
+// the library has RelayServer and RelayRules, not this file format.
 
 // A RelayConfig is the configuration file of a sync server (`noisetor relay`).
 // See ParseRelayConfig for the format.
@@ -30,7 +35,7 @@ type RelayConfig struct {
 	KeyFile     string
 	KeyringFile string
 	// Rules is the allow list: which peers may reach which.
-	Rules RelayRules
+	Rules noisetor.RelayRules
 	// AcceptTimeout, PingInterval and MaxSessions set the RelayServer fields
 	// of the same names; zero means the default.
 	AcceptTimeout time.Duration
@@ -55,7 +60,7 @@ type RelayConfig struct {
 func LoadRelayConfig(path string) (*RelayConfig, error) {
 	// Writing it means choosing whom the sync server relays for: checked as
 	// a keyring is (WIRE.md §11.4).
-	f, err := openChecked(path, trustFile)
+	f, err := noisetor.OpenTrustFile(path)
 	if err != nil {
 		return nil, err
 	}
@@ -158,9 +163,9 @@ func parseRelayConfig(path string, r io.Reader) (*RelayConfig, error) {
 		case "keyring":
 			c.KeyringFile, c.keyringLine = args[0], n
 		case "allow":
-			rule := RelayRule{From: args[0], To: args[1]}
+			rule := noisetor.RelayRule{From: args[0], To: args[1]}
 			for i, pat := range args {
-				if err := checkRelayPattern(pat); err != nil {
+				if err := noisetor.CheckRelayPattern(pat); err != nil {
 					return nil, lineErr(n, "allow: the %s pattern is not valid: %v", [2]string{"first", "second"}[i], err)
 				}
 			}
@@ -275,18 +280,18 @@ func (c *RelayConfig) fileErr(what, path string, line int, err error) error {
 // Pass key to use a key held elsewhere, such as a PKCS#11 token; then the
 // configuration need not name a key file. Serve the result with
 // ListenAndServe("tcp", c.Listen).
-func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServer, error) {
+func (c *RelayConfig) NewServer(key noisetor.StaticKey, logger *slog.Logger) (*noisetor.RelayServer, error) {
 	if key == nil {
 		if c.KeyFile == "" {
 			return nil, errors.New("noisetor: relay config names no key file, and no other key was given")
 		}
-		k, err := LoadPrivateKey(c.KeyFile)
+		k, err := noisetor.LoadPrivateKey(c.KeyFile)
 		if err != nil {
 			return nil, c.fileErr("key file", c.KeyFile, c.keyLine, err)
 		}
 		key = k
 	}
-	kr, err := LoadKeyring(c.KeyringFile)
+	kr, err := noisetor.LoadKeyring(c.KeyringFile)
 	if err != nil {
 		return nil, c.fileErr("keyring file", c.KeyringFile, c.keyringLine, err)
 	}
@@ -299,8 +304,8 @@ func (c *RelayConfig) NewServer(key StaticKey, logger *slog.Logger) (*RelayServe
 	if err := c.Rules.Check(kr); err != nil {
 		return nil, err
 	}
-	return &RelayServer{
-		Config:             &Config{StaticKey: key, Keyring: kr, Logger: logger},
+	return &noisetor.RelayServer{
+		Config:             &noisetor.Config{StaticKey: key, Keyring: kr, Logger: logger},
 		Allow:              c.Rules.Allow,
 		AcceptTimeout:      c.AcceptTimeout,
 		PingInterval:       c.PingInterval,
