@@ -42,6 +42,10 @@ const (
 	relayWriteTimeout = 10 * time.Second
 )
 
+// relayRefusalsMessage is the message of a relay's aggregates of refusals
+// (see refusalLog).
+const relayRefusalsMessage = "noisetor: relay refusals"
+
 // Errors of relayed connections. A *RelayError wraps one of them (or
 // ErrUnknownPeer), so match with errors.Is.
 var (

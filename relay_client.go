@@ -240,8 +240,8 @@ func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 		feed:      feed,
 		nl:        NewListener(feed, rc.Config),
 		gate:      relayGate{max: orDefault(rc.MaxPending, defaultRelayMaxPending), perPeerMax: orDefault(rc.MaxPendingPerPeer, defaultRelayMaxPendingPerPeer)},
-		refusals: relayTally{logger: rc.Config.logger, interval: relayTallyInterval,
-			attrs: []slog.Attr{slog.String("op", "accept"), slog.String("server", rc.Server)}},
+		refusals: newRefusalLog(rc.Config.logger, relayRefusalsMessage, false,
+			slog.String("op", "accept"), slog.String("server", rc.Server), slog.String("outcome", "refused")),
 		ctrl: ctrl,
 	}
 	l.wg.Add(1)
@@ -282,7 +282,7 @@ type relayListener struct {
 	// refusals counts the requests ignored before any connection is opened
 	// and the accept connections that failed: the sync server can cause any
 	// number of them, so they are logged as aggregates.
-	refusals relayTally
+	refusals *refusalLog
 	wg       sync.WaitGroup
 
 	mu     sync.Mutex

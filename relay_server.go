@@ -78,7 +78,7 @@ type RelayServer struct {
 	sessions   int
 	perPeer    map[PublicKey]int // sessions by requester
 	idle       relayIdle
-	unauth     relayTally // refusals of connections nobody authenticated
+	unauth     *refusalLog // refusals of connections nobody authenticated
 	wg         sync.WaitGroup
 	nextID     atomic.Uint64
 }
@@ -114,7 +114,7 @@ type relayPending struct {
 
 func (s *RelayServer) initLocked() {
 	if s.done == nil {
-		s.unauth = relayTally{logger: s.Config.logger, interval: relayTallyInterval}
+		s.unauth = newRefusalLog(s.Config.logger, relayRefusalsMessage, false, slog.String("outcome", "refused"))
 		s.done = make(chan struct{})
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*Conn]struct{})
