@@ -39,11 +39,23 @@ func (c *Config) logAttempt(a attempt) {
 		attrs = append(attrs, slog.String("peer", a.peer))
 	}
 	if a.err == nil {
-		c.logger().LogAttrs(context.Background(), slog.LevelInfo, "noisetor: handshake", append(attrs, slog.String("outcome", "ok"))...)
+		logOutcome(c.logger(), slog.LevelInfo, "noisetor: handshake", attrs, "ok", "")
 		return
 	}
-	attrs = append(attrs, slog.String("outcome", "failed"), slog.String("reason", a.err.Error()))
-	c.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: handshake", attrs...)
+	logOutcome(c.logger(), slog.LevelWarn, "noisetor: handshake", attrs, "failed", a.err.Error())
+}
+
+// logOutcome writes the one record of a decision (a handshake, a relay
+// request): the attributes that say what was decided about whom, then
+// outcome and, if not empty, reason, then more. Handshake records and relay
+// records (RelayServer.logDecision, RelayClient.logDecision) are written
+// here, so that they share outcome and reason.
+func logOutcome(l *slog.Logger, level slog.Level, msg string, about []slog.Attr, outcome, reason string, more ...slog.Attr) {
+	attrs := append(about, slog.String("outcome", outcome))
+	if reason != "" {
+		attrs = append(attrs, slog.String("reason", reason))
+	}
+	l.LogAttrs(context.Background(), level, msg, append(attrs, more...)...)
 }
 
 // logAttempt logs the handshake of c. A Listener only counts the failures of

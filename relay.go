@@ -42,9 +42,12 @@ const (
 	relayWriteTimeout = 10 * time.Second
 )
 
-// relayRefusalsMessage is the message of a relay's aggregates of refusals
-// (see refusalLog).
-const relayRefusalsMessage = "noisetor: relay refusals"
+// Messages of the relay's log records: one per decision about a peer
+// (logOutcome), and the aggregates of refusals (refusalLog).
+const (
+	relayLogMessage      = "noisetor: relay"
+	relayRefusalsMessage = "noisetor: relay refusals"
+)
 
 // Errors of relayed connections. A *RelayError wraps one of them (or
 // ErrUnknownPeer), so match with errors.Is.

@@ -96,17 +96,13 @@ func (rc *RelayClient) check() (server Peer, addr string, err error) {
 	return server, addr, nil
 }
 
+// logDecision writes the one log record of a relay decision.
 func (rc *RelayClient) logDecision(level slog.Level, op, peer, outcome, reason string, start time.Time) {
-	attrs := []slog.Attr{slog.String("op", op), slog.String("server", rc.Server)}
+	about := []slog.Attr{slog.String("op", op), slog.String("server", rc.Server)}
 	if peer != "" {
-		attrs = append(attrs, slog.String("peer", peer))
+		about = append(about, slog.String("peer", peer))
 	}
-	attrs = append(attrs, slog.String("outcome", outcome))
-	if reason != "" {
-		attrs = append(attrs, slog.String("reason", reason))
-	}
-	attrs = append(attrs, slog.Duration("duration", time.Since(start)))
-	rc.Config.logger().LogAttrs(context.Background(), level, "noisetor: relay", attrs...)
+	logOutcome(rc.Config.logger(), level, relayLogMessage, about, outcome, reason, slog.Duration("duration", time.Since(start)))
 }
 
 // dialServer opens one outer connection to the sync server.

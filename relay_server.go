@@ -1,7 +1,6 @@
 package noisetor
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -280,17 +279,12 @@ func (s *RelayServer) drop(c *Conn) {
 
 // logDecision writes the one log record of a relay decision.
 func (s *RelayServer) logDecision(level slog.Level, op string, from, to string, outcome, reason string, start time.Time, extra ...slog.Attr) {
-	attrs := []slog.Attr{slog.String("op", op), slog.String("from", from)}
+	about := []slog.Attr{slog.String("op", op), slog.String("from", from)}
 	if to != "" {
-		attrs = append(attrs, slog.String("to", to))
+		about = append(about, slog.String("to", to))
 	}
-	attrs = append(attrs, slog.String("outcome", outcome))
-	if reason != "" {
-		attrs = append(attrs, slog.String("reason", reason))
-	}
-	attrs = append(attrs, slog.Duration("duration", time.Since(start)))
-	attrs = append(attrs, extra...)
-	s.Config.logger().LogAttrs(context.Background(), level, "noisetor: relay", attrs...)
+	logOutcome(s.Config.logger(), level, relayLogMessage, about, outcome, reason,
+		append([]slog.Attr{slog.Duration("duration", time.Since(start))}, extra...)...)
 }
 
 // refuse answers a request with an ERR line, logs the decision and closes c.
