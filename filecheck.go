@@ -96,6 +96,13 @@ func openChecked(path string, kind fileKind) (*os.File, error) {
 	return f, nil
 }
 
+// OpenTrustFile opens for reading a public file that decides whom to trust,
+// such as a relay configuration, after the checks LoadKeyring makes of a
+// keyring: see ErrUnsafeFile. Group and others may read it, not write it.
+func OpenTrustFile(path string) (*os.File, error) {
+	return openChecked(path, trustFile)
+}
+
 // checkFileInfo checks the file itself: type, owner and mode.
 func checkFileInfo(path string, st fs.FileInfo, kind fileKind) error {
 	if !st.Mode().IsRegular() {

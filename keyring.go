@@ -2,8 +2,6 @@ package noisetor
 
 import (
 	"bytes"
-	"crypto/sha3"
-	"encoding/base32"
 	"errors"
 	"fmt"
 	"io"
@@ -28,7 +26,6 @@ const (
 	maxNameLen = 64
 
 	keyringFingerprintDomain = "noisetor keyring fingerprint v1"
-	clientAuthPrefix         = "descriptor:x25519:"
 )
 
 // ErrBadPeer is matched (with errors.Is) by every error about a malformed
@@ -640,7 +637,7 @@ func normalizePeer(p Peer) (Peer, error) {
 		p.Address = a
 	}
 	if p.ClientAuth != "" {
-		a, err := normalizeClientAuth(p.ClientAuth)
+		a, err := parseClientAuthPublic(p.ClientAuth)
 		if err != nil {
 			return Peer{}, keyError(fmt.Sprintf("peer %q: auth", p.Name), err)
 		}
@@ -727,34 +724,6 @@ func normalizeAddress(addr string) (string, error) {
 	return host + ":" + port, nil
 }
 
-var onionEncoding = base32.StdEncoding.WithPadding(base32.NoPadding)
-
-// checkOnion checks a lower-case Tor v3 onion address per rend-spec-v3
-// §6: base32(PUBKEY || CHECKSUM || VERSION) + ".onion", with VERSION = 3 and
-// CHECKSUM = SHA3-256(".onion checksum" || PUBKEY || VERSION)[:2].
-func checkOnion(host string) error {
-	label := strings.TrimSuffix(host, ".onion")
-	if len(label) != 56 || strings.Contains(label, ".") {
-		return errors.New("an onion address must be 56 base32 characters + \".onion\" (Tor v3; v2 and subdomains are not accepted)")
-	}
-	raw, err := onionEncoding.DecodeString(strings.ToUpper(label))
-	if err != nil || len(raw) != 35 {
-		return errors.New("onion address is not valid base32")
-	}
-	pub, sum, version := raw[:32], raw[32:34], raw[34]
-	if version != 3 {
-		return fmt.Errorf("onion address has version %d, want 3", version)
-	}
-	h := sha3.New256()
-	h.Write([]byte(".onion checksum"))
-	h.Write(pub)
-	h.Write([]byte{version})
-	if !bytes.Equal(h.Sum(nil)[:2], sum) {
-		return errors.New("onion address checksum is wrong (a typo?)")
-	}
-	return nil
-}
-
 // checkHostname checks a lower-case DNS host name (RFC 1123 labels).
 func checkHostname(host string) error {
 	bad := errors.New("host must be an IP address, a DNS name or a v3 onion address")
@@ -778,34 +747,6 @@ func checkHostname(host string) error {
 		return bad
 	}
 	return nil
-}
-
-// normalizeClientAuth checks a Tor v3 client-authorization public key and
-// returns it as 52 upper-case base32 characters without prefix.
-func normalizeClientAuth(s string) (string, error) {
-	if len(s) > len(clientAuthPrefix) && strings.EqualFold(s[:len(clientAuthPrefix)], clientAuthPrefix) {
-		s = s[len(clientAuthPrefix):]
-	}
-	if strings.Contains(strings.ToLower(s), ":descriptor:") {
-		// "<onion>:descriptor:x25519:<key>" is the .auth_private format,
-		// whose key is the client's private key.
-		return "", badKey("this looks like a Tor .auth_private line, which holds the PRIVATE client-auth key; use the public key (the descriptor:x25519:... line of the .auth file)")
-	}
-	if strings.Contains(s, ":") {
-		return "", badKey("want descriptor:x25519:<52 base32 characters>, or the bare key")
-	}
-	if len(s) != 52 {
-		return "", badKey("want 52 base32 characters (a 32-byte x25519 public key)")
-	}
-	u := strings.ToUpper(s)
-	raw, err := onionEncoding.DecodeString(u)
-	if err != nil || len(raw) != 32 || onionEncoding.EncodeToString(raw) != u {
-		return "", badKey("not a base32-encoded 32-byte key")
-	}
-	if _, err := NewPublicKey(X25519, raw); err != nil {
-		return "", err
-	}
-	return u, nil
 }
 
 // keyError wraps an ErrBadKey error from keys.go for a KeyringError,

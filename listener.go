@@ -61,7 +61,7 @@ func NewListener(inner net.Listener, cfg *Config) net.Listener {
 			bySource: make(map[string][]*Conn),
 			turns:    make(map[PublicKey]*peerTurns),
 		},
-		refusals: newRefusalLog(cfg.logger(), refusalLogInterval),
+		refusals: newRefusalLog(cfg.logger, refusalLogMessage, true),
 	}
 	if cfg.StaticKey != nil {
 		// Derive every peer's pair key now (one DH each, maybe on a token)

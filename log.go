@@ -39,11 +39,23 @@ func (c *Config) logAttempt(a attempt) {
 		attrs = append(attrs, slog.String("peer", a.peer))
 	}
 	if a.err == nil {
-		c.logger().LogAttrs(context.Background(), slog.LevelInfo, "noisetor: handshake", append(attrs, slog.String("outcome", "ok"))...)
+		logOutcome(c.logger(), slog.LevelInfo, "noisetor: handshake", attrs, "ok", "")
 		return
 	}
-	attrs = append(attrs, slog.String("outcome", "failed"), slog.String("reason", a.err.Error()))
-	c.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: handshake", attrs...)
+	logOutcome(c.logger(), slog.LevelWarn, "noisetor: handshake", attrs, "failed", a.err.Error())
+}
+
+// logOutcome writes the one record of a decision (a handshake, a relay
+// request): the attributes that say what was decided about whom, then
+// outcome and, if not empty, reason, then more. Handshake records and relay
+// records (RelayServer.logDecision, RelayClient.logDecision) are written
+// here, so that they share outcome and reason.
+func logOutcome(l *slog.Logger, level slog.Level, msg string, about []slog.Attr, outcome, reason string, more ...slog.Attr) {
+	attrs := append(about, slog.String("outcome", outcome))
+	if reason != "" {
+		attrs = append(attrs, slog.String("reason", reason))
+	}
+	l.LogAttrs(context.Background(), level, msg, append(attrs, more...)...)
 }
 
 // logAttempt logs the handshake of c. A Listener only counts the failures of
@@ -53,7 +65,7 @@ func (c *Conn) logAttempt(d time.Duration, err error) {
 	if err != nil && !c.isClient && !c.authenticated {
 		c.cfg.state.refuse(c.refusalReason())
 		if c.guard != nil {
-			c.guard.refusals.add(c.refusalReason())
+			c.guard.refusals.add(c.refusalReason(), "")
 			return
 		}
 	}
@@ -79,40 +91,56 @@ func (c *Conn) refusalReason() string {
 
 const refusalLogMessage = "noisetor: refused callers that proved no keyring key"
 
-// refusalLogInterval is how often a Listener logs its counts of refused
-// unauthenticated callers.
+// refusalLogInterval is how often a refusalLog writes its counts.
 const refusalLogInterval = time.Minute
 
-// refusalLog counts refusals by reason and logs the counts as one Warn
-// record per interval. A reason not seen yet in the interval is logged at
-// once, so an operator sees an attack (or a misconfigured peer) start; the
-// records per interval are bounded by the few fixed reasons.
+// A refusalLog logs the refusals of input nobody has vouched for (callers
+// that proved no keyring key; at a relay, connections and requests no peer
+// of the keyring answers for) as aggregates, counts by reason, one Warn
+// record per interval, instead of one record each: a flood of them costs the
+// sender nothing per record, and must not fill the operator's disk or drown
+// the records that matter. Decisions about authenticated peers keep one
+// record each. With atOnce, a reason not seen yet in the interval is logged
+// at once, so that an operator sees an attack (or a misconfigured peer)
+// start; the records per interval are bounded by the few fixed reasons.
 type refusalLog struct {
-	logger   *slog.Logger
-	interval time.Duration
+	logger func() *slog.Logger
+	msg    string
+	attrs  []slog.Attr // the first attributes of every record
+	atOnce bool
 
 	mu     sync.Mutex
 	counts map[string]int
-	seen   map[string]bool // reasons logged in this interval
+	seen   map[string]bool // reasons logged in this interval, with atOnce
+	sample string          // the last detail, to show what the refusals look like
 	timer  *time.Timer     // armed while the interval runs
-	since  time.Time
+	since  time.Time       // of the last record
+	closed bool
 }
 
-func newRefusalLog(logger *slog.Logger, interval time.Duration) *refusalLog {
-	return &refusalLog{logger: logger, interval: interval, counts: make(map[string]int), seen: make(map[string]bool)}
+func newRefusalLog(logger func() *slog.Logger, msg string, atOnce bool, attrs ...slog.Attr) *refusalLog {
+	return &refusalLog{logger: logger, msg: msg, attrs: attrs, atOnce: atOnce,
+		counts: make(map[string]int), seen: make(map[string]bool)}
 }
 
-func (r *refusalLog) add(reason string) {
+// add counts one refusal under reason, a few fixed words that are the key of
+// its count; detail, if not empty, is an example logged with the counts.
+func (r *refusalLog) add(reason, detail string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.counts[reason]++
-	if r.seen[reason] {
+	if r.closed {
 		return
 	}
-	r.seen[reason] = true
-	r.writeLocked()
+	r.counts[reason]++
+	if detail != "" {
+		r.sample = detail
+	}
+	if r.atOnce && !r.seen[reason] {
+		r.seen[reason] = true
+		r.writeLocked()
+	}
 	if r.timer == nil {
-		r.timer = time.AfterFunc(r.interval, r.tick)
+		r.timer = time.AfterFunc(refusalLogInterval, r.tick)
 	}
 }
 
@@ -130,13 +158,25 @@ func (r *refusalLog) tick() {
 		return
 	}
 	r.writeLocked()
-	r.timer.Reset(r.interval)
+	r.timer.Reset(refusalLogInterval)
 }
 
 // flush writes what is held back and stops the timer.
 func (r *refusalLog) flush() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.flushLocked()
+}
+
+// close is flush, and stops counting.
+func (r *refusalLog) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	r.flushLocked()
+}
+
+func (r *refusalLog) flushLocked() {
 	if r.timer != nil {
 		r.timer.Stop()
 		r.timer = nil
@@ -150,18 +190,22 @@ func (r *refusalLog) flush() {
 func (r *refusalLog) writeLocked() {
 	now := time.Now()
 	total := 0
-	attrs := []slog.Attr{}
+	var reasons []slog.Attr
 	for _, reason := range slices.Sorted(maps.Keys(r.counts)) {
 		n := r.counts[reason]
 		total += n
-		attrs = append(attrs, slog.Int(reason, n))
+		reasons = append(reasons, slog.Int(reason, n))
 	}
-	head := []slog.Attr{slog.Int("refused", total)}
+	attrs := append(slices.Clip(r.attrs), slog.Int("refused", total))
 	if !r.since.IsZero() {
-		head = append(head, slog.Duration("interval", now.Sub(r.since).Round(time.Second)))
+		attrs = append(attrs, slog.Duration("interval", now.Sub(r.since).Round(time.Second)))
 	}
-	r.logger.LogAttrs(context.Background(), slog.LevelWarn, refusalLogMessage,
-		append(head, slog.Attr{Key: "reasons", Value: slog.GroupValue(attrs...)})...)
+	attrs = append(attrs, slog.Attr{Key: "reasons", Value: slog.GroupValue(reasons...)})
+	if r.sample != "" {
+		attrs = append(attrs, slog.String("example", r.sample))
+	}
+	r.logger().LogAttrs(context.Background(), slog.LevelWarn, r.msg, attrs...)
 	clear(r.counts)
+	r.sample = ""
 	r.since = now
 }

@@ -5,10 +5,7 @@ package noisetor
 // resources without bound, and one member's share never covers another's.
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
-	"slices"
 	"sync"
 	"time"
 )
@@ -42,88 +39,7 @@ const (
 	// us do them as fast as it answers, taking the static key's DH capacity
 	// (a token's, maybe) from our other listeners.
 	relaySetupWindow = 4 * time.Second
-
-	// relayTallyInterval is how often aggregated refusals are logged.
-	relayTallyInterval = time.Minute
 )
-
-// relayTally logs refusals of input nobody has vouched for as periodic
-// aggregates, counts by reason, instead of one record each: a flood of them
-// costs the attacker nothing per record, and must not fill the operator's
-// disk or drown the records that matter. Decisions about authenticated
-// peers keep one record each.
-type relayTally struct {
-	logger   func() *slog.Logger
-	attrs    []slog.Attr // context of every record, e.g. the sync server
-	interval time.Duration
-
-	mu     sync.Mutex
-	counts map[string]int
-	sample string // the last detail, to show what the refusals look like
-	since  time.Time
-	timer  *time.Timer
-	closed bool
-}
-
-// add counts one refusal under reason, a short code usable as a log key;
-// detail is a human-readable example, logged with the aggregate.
-func (t *relayTally) add(reason, detail string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.closed {
-		return
-	}
-	if t.counts == nil {
-		t.counts = make(map[string]int)
-	}
-	if len(t.counts) == 0 {
-		t.since = time.Now()
-		t.timer = time.AfterFunc(t.interval, t.flush)
-	}
-	t.counts[reason]++
-	t.sample = detail
-}
-
-// flush writes the aggregate of the refusals counted so far, if any.
-func (t *relayTally) flush() {
-	t.mu.Lock()
-	counts, sample, since := t.counts, t.sample, t.since
-	t.counts, t.sample = nil, ""
-	if t.timer != nil {
-		t.timer.Stop()
-		t.timer = nil
-	}
-	t.mu.Unlock()
-	if len(counts) == 0 {
-		return
-	}
-	reasons := make([]string, 0, len(counts))
-	total := 0
-	for r, n := range counts {
-		reasons = append(reasons, r)
-		total += n
-	}
-	slices.Sort(reasons)
-	var byReason []any
-	for _, r := range reasons {
-		byReason = append(byReason, slog.Int(r, counts[r]))
-	}
-	attrs := append(slices.Clip(t.attrs),
-		slog.String("outcome", "refused"),
-		slog.Int("count", total),
-		slog.Group("reasons", byReason...),
-		slog.String("example", sample),
-		slog.Duration("interval", time.Since(since)))
-	t.logger().LogAttrs(context.Background(), slog.LevelWarn, "noisetor: relay refusals", attrs...)
-}
-
-// close writes what is left and stops counting.
-func (t *relayTally) close() {
-	t.flush()
-	t.mu.Lock()
-	t.closed = true
-	t.mu.Unlock()
-}
 
 // relayGate bounds the relayed connections a relay listener is setting up,
 // in all and per requester, the requester being the peer the sync server

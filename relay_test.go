@@ -8,11 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -1381,107 +1378,6 @@ func TestRelayMaliciousServer(t *testing.T) {
 		})
 		mustContain(t, peers["tower"].logs.String(), `outcome=lost reason="nothing from the sync server for 300ms"`)
 	})
-}
-
-func TestRelayConfig(t *testing.T) {
-	checkNoGoroutineLeak(t)
-	peers := newTestPeers(t, "sync", "wallet-1", "tower")
-	dir := t.TempDir()
-	if err := SavePrivateKey(filepath.Join(dir, "sync.key"), peers["sync"].key); err != nil {
-		t.Fatal(err)
-	}
-	if err := peers["sync"].cfg.Keyring.Save(filepath.Join(dir, "sync.keyring")); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(dir, "relay.conf")
-	conf := "# sync server\nlisten 127.0.0.1:0\nkey sync.key\nkeyring sync.keyring   # every wallet and watchtower\n" +
-		"allow wallet-* tower\naccept-timeout 5s\nping-interval 1m\nmax-sessions 10\n"
-	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	rc, err := LoadRelayConfig(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if rc.Listen != "127.0.0.1:0" || rc.KeyFile != filepath.Join(dir, "sync.key") || rc.KeyringFile != filepath.Join(dir, "sync.keyring") ||
-		len(rc.Rules) != 1 || rc.Rules[0] != (RelayRule{"wallet-*", "tower"}) ||
-		rc.AcceptTimeout != 5*time.Second || rc.PingInterval != time.Minute || rc.MaxSessions != 10 {
-		t.Fatalf("parsed %+v", rc)
-	}
-	srv, err := rc.NewServer(nil, peers["sync"].cfg.Logger)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := Listen("tcp", rc.Listen, srv.Config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	defer func() { srv.Close(); <-errc }()
-
-	n := &relayTestNet{peers: peers, srv: srv, addr: ln.Addr().String()}
-	n.tower(t, "tower", relayEcho)
-	c, err := n.client("wallet-1").Dial(relayCtx(t), "tower")
-	if err != nil {
-		t.Fatalf("dial through a config-file relay: %v", err)
-	}
-	c.Close()
-	if _, err := n.client("tower").Dial(relayCtx(t), "wallet-1"); !errors.Is(err, ErrRelayDenied) {
-		t.Errorf("reverse direction: %v", err)
-	}
-
-	// With a key from elsewhere (a token), the key file is not needed.
-	rc2 := *rc
-	rc2.KeyFile = ""
-	if _, err := rc2.NewServer(nil, nil); err == nil || !strings.Contains(err.Error(), "no key file") {
-		t.Errorf("no key at all: %v", err)
-	}
-	if s2, err := rc2.NewServer(peers["sync"].key, nil); err != nil || s2.Config.StaticKey != peers["sync"].key {
-		t.Errorf("NewServer with a given key: %v", err)
-	}
-
-	// A config others can write is refused.
-	os.Chmod(path, 0o666)
-	if _, err := LoadRelayConfig(path); !errors.Is(err, fs.ErrPermission) {
-		t.Errorf("group-writable config: %v", err)
-	}
-	// A rule that matches no keyring peer is refused at NewServer.
-	rc.Rules = append(rc.Rules, RelayRule{"walet-*", "tower"})
-	if _, err := rc.NewServer(nil, nil); err == nil || !strings.Contains(err.Error(), "matches no peer") {
-		t.Errorf("typo rule: %v", err)
-	}
-}
-
-func TestRelayConfigErrors(t *testing.T) {
-	base := "listen 127.0.0.1:7400\nkey k\nkeyring r\n"
-	for _, tc := range []struct{ conf, want string }{
-		{base, "no allow rules"},
-		{"key k\nkeyring r\nallow a b\n", `missing required directive "listen"`},
-		{"listen 127.0.0.1:1\nkey k\nallow a b\n", `missing required directive "keyring"`},
-		{base + "allow a\n", "<input>:4: allow takes 2 value(s), got 1"},
-		{base + "allow a b\nlisten 127.0.0.1:1\n", "<input>:5: listen given twice (first on line 1)"},
-		{base + "allow a b\nfrobnicate 1\n", `<input>:5: unknown directive (the line's first word, not shown in case it is a secret; want one of listen, key,`},
-		{base + "allow a b\nalow c d\n", `<input>:5: unknown directive (the line's first word, not shown in case it is a secret; did you mean allow?; want`},
-		{base + "allow a b\nmax-sessions-per-per 3\n", `did you mean max-sessions-per-peer?`},
-		{base + "allow A b\n", "<input>:4: allow: the first pattern is not valid: use peer-name characters"},
-		{base + "allow a b\nmax-idle-per-peer x\n", "<input>:5: max-idle-per-peer: want a positive integer"},
-		{base + "allow a b\nrequest-timeout 0s\n", "<input>:5: request-timeout: want a positive duration"},
-		{"listen 127.0.0.1:http\n", "<input>:1: listen: want host:port, such as 127.0.0.1:7400"},
-		{base + "allow a b\naccept-timeout soon\n", "<input>:5: accept-timeout: want a positive duration"},
-		{base + "allow a b\nping-interval -1s\n", "<input>:5: ping-interval: want a positive duration"},
-		{base + "allow a b\nmax-sessions 0\n", "<input>:5: max-sessions: want a positive integer"},
-		{"listen nowhere\n", "<input>:1: listen: "},
-		{base + "allow a b\n" + strings.Repeat("#", 5000) + "\n", "<input>:5: "},
-	} {
-		_, err := ParseRelayConfig(strings.NewReader(tc.conf))
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%q: error %v, want %q", tc.conf, err, tc.want)
-		}
-	}
-	if c, err := ParseRelayConfig(strings.NewReader(base + "\r\n  # comment\n\tallow * *   # anyone\n")); err != nil || len(c.Rules) != 1 {
-		t.Errorf("valid config: %+v, %v", c, err)
-	}
 }
 
 // TestRelayOverTor runs the mediation over Tor: the sync server is an onion

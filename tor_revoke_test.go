@@ -279,7 +279,7 @@ func TestTorRevokeLastKey(t *testing.T) {
 	ol.mu.Lock()
 	got := ol.pubAuth
 	ol.mu.Unlock()
-	if raw, _ := parseClientAuthPublic(auth2.PublicKey()); len(got) != 1 || got[0] != torBase32.EncodeToString(raw) {
+	if want, _ := parseClientAuthPublic(auth2.PublicKey()); len(got) != 1 || got[0] != want {
 		t.Fatalf("client-auth keys sent to tor: %v, want alice's new one only", got)
 	}
 

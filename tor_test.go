@@ -210,8 +210,8 @@ func torPID(tr *Tor) int {
 	return tr.sess.pid
 }
 
-// torGoroutines lists the goroutines running code of tor.go, waiting up to
-// a second for goroutines on their way out.
+// torGoroutines lists the goroutines running code of the Tor integration
+// (tor*.go), waiting up to a second for goroutines on their way out.
 func torGoroutines() []string {
 	var leaks []string
 	for range 50 {

@@ -59,7 +59,7 @@ func runRelay(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	if err := wantArgs(args, 1, 1, "the configuration file"); err != nil {
 		return err
 	}
-	rc, err := noisetor.LoadRelayConfig(args[0])
+	rc, err := LoadRelayConfig(args[0])
 	if err != nil {
 		return err
 	}
