@@ -26,6 +26,8 @@ type Dialer struct {
 	// address. Otherwise the peer is the keyring entry whose Address is the
 	// dialed address.
 	Peer string
+
+	pattern Pattern // if set, instead of the Config's first (RelayClient)
 }
 
 // DialContext dials addr and completes the handshake with the peer before
@@ -59,6 +61,9 @@ func (d *Dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	}
 	c := Client(raw, cfg, name)
 	c.addr = addr
+	if d.pattern != 0 {
+		c.state.Pattern = d.pattern
+	}
 	if err := c.HandshakeContext(ctx); err != nil {
 		return nil, err
 	}

@@ -110,6 +110,7 @@ type refusalLog struct {
 	atOnce bool
 
 	mu     sync.Mutex
+	total  int // refusals ever counted, logged or not
 	counts map[string]int
 	seen   map[string]bool // reasons logged in this interval, with atOnce
 	sample string          // the last detail, to show what the refusals look like
@@ -132,6 +133,7 @@ func (r *refusalLog) add(reason, detail string) {
 		return
 	}
 	r.counts[reason]++
+	r.total++
 	if detail != "" {
 		r.sample = detail
 	}

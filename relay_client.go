@@ -42,8 +42,9 @@ const (
 type RelayClient struct {
 	// Config is this machine's noisetor configuration. Its keyring must list
 	// the sync server and the peers to reach or to accept; it is used both
-	// for the connections to the sync server and for the end-to-end ones.
-	// Required.
+	// for the connections to the sync server and for the end-to-end ones,
+	// except that the connections to the sync server always use KK (its
+	// Patterns choose the end-to-end pattern). Required.
 	Config *Config
 
 	// Server is the keyring name of the sync server. Required.
@@ -107,10 +108,13 @@ func (rc *RelayClient) logDecision(level slog.Level, op, peer, outcome, reason s
 
 // dialServer opens one outer connection to the sync server.
 func (rc *RelayClient) dialServer(ctx context.Context, addr string) (*Conn, error) {
-	d := &Dialer{Config: rc.Config, NetDialer: rc.NetDialer, Peer: rc.Server}
+	// KK to the sync server whatever Config.Patterns says (it is for the
+	// end-to-end handshake): both sides list each other, and a sync server
+	// that accepted XK would compute a DH for anyone who knows its key.
+	d := &Dialer{Config: rc.Config, NetDialer: rc.NetDialer, Peer: rc.Server, pattern: KK}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("noisetor: relay: reaching the sync server %q: %w", rc.Server, err)
+		return nil, &contextError{fmt.Sprintf("relay: reaching the sync server %q", rc.Server), err}
 	}
 	return c.(*Conn), nil
 }
@@ -236,7 +240,7 @@ func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 		feed:      feed,
 		nl:        NewListener(feed, rc.Config),
 		gate:      relayGate{max: orDefault(rc.MaxPending, defaultRelayMaxPending), perPeerMax: orDefault(rc.MaxPendingPerPeer, defaultRelayMaxPendingPerPeer)},
-		refusals: newRefusalLog(rc.Config.logger, relayRefusalsMessage, false,
+		refusals: newRefusalLog(rc.Config.logger, relayRefusalsMessage, true,
 			slog.String("op", "accept"), slog.String("server", rc.Server), slog.String("outcome", "refused")),
 		ctrl: ctrl,
 	}

@@ -113,7 +113,7 @@ type relayPending struct {
 
 func (s *RelayServer) initLocked() {
 	if s.done == nil {
-		s.unauth = newRefusalLog(s.Config.logger, relayRefusalsMessage, false, slog.String("outcome", "refused"))
+		s.unauth = newRefusalLog(s.Config.logger, relayRefusalsMessage, true, slog.String("outcome", "refused"))
 		s.done = make(chan struct{})
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*Conn]struct{})
@@ -466,7 +466,7 @@ func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.
 	to, ok := s.Config.Keyring.ByKey(key)
 	if !ok {
 		s.refuse(c, "connect", from.Name, "key:"+key.Fingerprint(), relayCodeUnknownPeer,
-			"the target's key (fingerprint "+key.Fingerprint()+") is not in the sync server's keyring", start)
+			"no peer of the sync server's keyring has the target's key (fingerprint "+key.Fingerprint()+"): check the key the requester holds for it", start)
 		return nil
 	}
 	if s.Allow == nil || !s.Allow(from, to) {
@@ -548,7 +548,7 @@ func (s *RelayServer) waitTarget(rs *relaySession) *Conn {
 			s.refuse(c, "connect", from.Name, to.Name, relayCodeShuttingDown, "the sync server is shutting down", start, rs.id)
 		default:
 			s.refuse(c, "connect", from.Name, to.Name, relayCodeNoAnswer,
-				fmt.Sprintf("%s is registered but did not answer within %v", to.Name, s.acceptTimeout()), start, rs.id)
+				fmt.Sprintf("%s is registered but did not answer within %v: it does not list the requester's key, or it is at its limits, or it is slow", to.Name, s.acceptTimeout()), start, rs.id)
 		}
 		return nil
 	}

@@ -144,6 +144,7 @@ type Tor struct {
 	closed     bool
 	onions     map[*OnionListener]struct{}
 	clientAuth map[string]*ClientAuthKey // service ID → our key for it
+	circuits   map[string]uint64         // isolation → its generation; see TorDialer.DialContext
 }
 
 // StartTor launches tor with cfg and returns once it has bootstrapped.
@@ -223,6 +224,7 @@ func newTor(log *slog.Logger) *Tor {
 		log:        log,
 		onions:     make(map[*OnionListener]struct{}),
 		clientAuth: make(map[string]*ClientAuthKey),
+		circuits:   make(map[string]uint64),
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	return t

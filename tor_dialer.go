@@ -124,9 +124,24 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 			return nil, fmt.Errorf("noisetor: registering client-auth key for %s: %w", host, err)
 		}
 	}
-	user := d.isolation
-	if user == "" {
-		user = "noisetor:" + addr
+	isolation := d.isolation
+	if isolation == "" {
+		isolation = "noisetor:" + addr
+	}
+	// After a failed attempt, later ones use new circuits. A dial that
+	// reached a service's introduction point just as the service's tor died
+	// leaves tor waiting for a rendezvous that never comes, and tor attaches
+	// every later stream of the same isolation to that circuit: a client
+	// stayed out for over a minute after the service was back.
+	user := func() string {
+		t.mu.Lock()
+		defer t.mu.Unlock()
+		return fmt.Sprintf("%s#%d", isolation, t.circuits[isolation])
+	}
+	freshCircuits := func() {
+		t.mu.Lock()
+		t.circuits[isolation]++
+		t.mu.Unlock()
 	}
 	backoff := 250 * time.Millisecond
 	authRetried := false
@@ -141,15 +156,16 @@ func (d *TorDialer) DialContext(ctx context.Context, network, addr string) (net.
 		if isOnion && port > 0 {
 			s.addLongLivedPort(dctx, port)
 		}
-		c, err := s.dialSOCKS(dctx, user, addr)
+		c, err := s.dialSOCKS(dctx, user(), addr)
 		if err == nil {
 			return torStream{c}, nil
 		}
+		freshCircuits()
 		if dctx.Err() != nil || errors.Is(err, os.ErrDeadlineExceeded) {
 			return nil, timeout()
 		}
 		derr := classifySOCKSError(addr, err)
-		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
+		if derr.Reply == 0 && !derr.torDown && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)) {
 			// tor hung up mid-exchange: if it is dying, say so.
 			select {
 			case <-s.done:
