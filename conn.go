@@ -1,44 +1,17 @@
 package noisetor
 
 import (
-	"bytes"
 	"context"
-	"crypto/cipher"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/flynn/noise"
 )
-
-// A ConnectionState describes an established connection.
-type ConnectionState struct {
-	// HandshakeComplete is true once the handshake has succeeded.
-	HandshakeComplete bool
-	// Initiator is true on the side that dialed.
-	Initiator bool
-	// Peer is the keyring entry of the other side, whose Name the handshake
-	// authenticated.
-	Peer Peer
-	// PeerKey is the static key the other side proved: Peer.PublicKey, or
-	// during a rotation of its key (Peer.NextKey) possibly the next key.
-	PeerKey PublicKey
-	// Pattern and CipherSuite are those of the handshake; Curve is the DH
-	// function of both static keys.
-	Pattern     Pattern
-	CipherSuite CipherSuite
-	Curve       Curve
-	// HandshakeHash is the Noise handshake hash h, equal on both sides and
-	// unique to this session: use it for channel binding.
-	HandshakeHash []byte
-}
 
 // A Conn is a noisetor connection: a Noise session over an underlying
 // net.Conn. It implements net.Conn. Read and Write may be called concurrently
@@ -87,109 +60,6 @@ type Conn struct {
 
 	in  inState
 	out outState
-}
-
-// halfState is the cipher state of one direction. After the handshake it
-// drives the AEAD itself with its own nonce counter, so that sealing and
-// opening a frame allocate nothing (noise.CipherState builds each nonce on
-// the heap); the CipherState stays for Rekey, which Noise defines on it.
-type halfState struct {
-	cs        *noise.CipherState
-	c         noise.Cipher
-	aead      cipher.AEAD // c's AEAD, or nil if c does not expose it
-	nonceLE   bool        // ChaChaPoly's nonce encoding (AESGCM's is big-endian)
-	n         uint64      // next nonce
-	nonce     [12]byte
-	bytes     int64 // ciphertext bytes sent since the last rekey (the sender decides)
-	rekeyedAt time.Time
-}
-
-func newHalfState(cs *noise.CipherState) *halfState {
-	h := &halfState{cs: cs, n: cs.Nonce(), rekeyedAt: time.Now()}
-	h.setCipher()
-	return h
-}
-
-// setCipher takes the current key's Cipher from cs. The Noise ciphers are
-// AEADs that differ only in how they encode the nonce (Noise §12.3, §12.4),
-// so one seal at nonce 1 tells the encoding, and seal and open then call the
-// AEAD directly.
-func (h *halfState) setCipher() {
-	h.c = h.cs.Cipher()
-	h.aead = nil
-	a, ok := h.c.(cipher.AEAD)
-	if !ok || a.NonceSize() != len(h.nonce) || a.Overhead() != aeadOverhead {
-		return
-	}
-	want := h.c.Encrypt(nil, 1, nil, nil)
-	var le, be [12]byte
-	le[4], be[11] = 1, 1
-	switch {
-	case bytes.Equal(a.Seal(nil, le[:], nil, nil), want):
-		h.aead, h.nonceLE = a, true
-	case bytes.Equal(a.Seal(nil, be[:], nil, nil), want):
-		h.aead, h.nonceLE = a, false
-	}
-}
-
-// nextNonce returns the nonce for the next frame and advances the counter.
-func (h *halfState) nextNonce() (uint64, []byte) {
-	n := h.n
-	// n reaches 2^64-1, which Noise reserves, only after 2^64-1 frames: no
-	// connection can send that many (centuries at a billion frames a
-	// second), but a nonce must never repeat.
-	if n == math.MaxUint64 {
-		panic("noisetor: nonce space exhausted")
-	}
-	h.n++
-	if h.nonceLE {
-		binary.LittleEndian.PutUint64(h.nonce[4:], n)
-	} else {
-		binary.BigEndian.PutUint64(h.nonce[4:], n)
-	}
-	return n, h.nonce[:]
-}
-
-// seal appends one frame: length, then the AEAD of typ || body, sealed in place.
-func (h *halfState) seal(out []byte, typ byte, body []byte) []byte {
-	start := len(out)
-	out = append(out, 0, 0, typ)
-	out = append(out, body...)
-	n, nonce := h.nextNonce()
-	pt := out[start+frameHeader:]
-	if h.aead != nil {
-		out = h.aead.Seal(out[:start+frameHeader], nonce, pt, nil)
-	} else {
-		out = h.c.Encrypt(out[:start+frameHeader], n, nil, pt)
-	}
-	size := len(out) - start - frameHeader
-	binary.BigEndian.PutUint16(out[start:], uint16(size))
-	h.bytes += int64(size)
-	return out
-}
-
-// open authenticates and decrypts a frame in place.
-func (h *halfState) open(dst, frame []byte) (typ byte, body []byte, err error) {
-	n, nonce := h.nextNonce()
-	var pt []byte
-	if h.aead != nil {
-		pt, err = h.aead.Open(dst, nonce, frame, nil)
-	} else {
-		pt, err = h.c.Decrypt(dst, n, nil, frame)
-	}
-	if err != nil || len(pt) == 0 {
-		h.n-- // nothing was accepted; the connection is failing anyway
-		return 0, nil, fmt.Errorf("%w: frame failed to authenticate", ErrFrame)
-	}
-	return pt[0], pt[1:], nil
-}
-
-// rekey replaces the key as Noise §11.3 specifies: k = ENCRYPT(k, 2^64-1, "", zeros)[:32].
-func (h *halfState) rekey() {
-	h.cs.Rekey()
-	h.setCipher()
-	h.bytes = 0
-	h.rekeyedAt = time.Now()
 }
 
 type inState struct {
@@ -643,18 +513,6 @@ func (c *Conn) Write(b []byte) (n int, err error) {
 	return written, nil
 }
 
-// maybeRekey appends a rekey record and switches keys when the current key
-// has protected enough bytes or time (WIRE.md §6.3).
-func (c *Conn) maybeRekey(out []byte) []byte {
-	h := c.out.half
-	if h.bytes < c.cfg.rekeyAfterBytes() && time.Since(h.rekeyedAt) < c.cfg.rekeyAfter() {
-		return out
-	}
-	out = h.seal(out, recordRekey, nil)
-	h.rekey()
-	return out
-}
-
 // writeOut writes the sealed bytes in *bufp. On a timeout the unwritten rest
 // becomes pending; on any other error the connection is broken for writing.
 // The buffer goes back to the pool once fully written.
@@ -856,56 +714,3 @@ func fromUnixNano(n int64) time.Time {
 
 func (c *Conn) userReadDeadline() time.Time  { return fromUnixNano(c.readDeadline.Load()) }
 func (c *Conn) userWriteDeadline() time.Time { return fromUnixNano(c.writeDeadline.Load()) }
-
-// PeerOf returns the authenticated keyring peer of c, if c is a *Conn (or
-// wraps one through a NetConn method) whose handshake has completed. Use it
-// in an http.Server's ConnContext or in a handler with the connection.
-func PeerOf(c net.Conn) (Peer, bool) {
-	st, ok := ConnectionStateOf(c)
-	return st.Peer, ok
-}
-
-// ConnectionStateOf is PeerOf for the whole ConnectionState: the peer, the
-// key it proved, the parameters and the handshake hash (for channel binding).
-func ConnectionStateOf(c net.Conn) (ConnectionState, bool) {
-	for c != nil {
-		if nc, ok := c.(*Conn); ok {
-			if !nc.handshakeDone.Load() || nc.handshakeErr != nil {
-				return ConnectionState{}, false
-			}
-			return nc.ConnectionState(), true
-		}
-		u, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			return ConnectionState{}, false
-		}
-		c = u.NetConn()
-	}
-	return ConnectionState{}, false
-}
-
-type stateContextKey struct{}
-
-// ConnContext has the signature of http.Server.ConnContext. It records the
-// ConnectionState of a noisetor connection in the context, where handlers
-// find it with ConnectionStateFromContext or PeerFromContext.
-func ConnContext(ctx context.Context, c net.Conn) context.Context {
-	if st, ok := ConnectionStateOf(c); ok {
-		return context.WithValue(ctx, stateContextKey{}, st)
-	}
-	return ctx
-}
-
-// PeerFromContext returns the authenticated peer that ConnContext recorded.
-func PeerFromContext(ctx context.Context) (Peer, bool) {
-	st, ok := ConnectionStateFromContext(ctx)
-	return st.Peer, ok
-}
-
-// ConnectionStateFromContext returns the ConnectionState that ConnContext
-// recorded. A handler binds its application protocol to the session with
-// HandshakeHash.
-func ConnectionStateFromContext(ctx context.Context) (ConnectionState, bool) {
-	st, ok := ctx.Value(stateContextKey{}).(ConnectionState)
-	return st, ok
-}
