@@ -123,45 +123,20 @@ func (s *RelayServer) initLocked() {
 }
 
 func (s *RelayServer) acceptTimeout() time.Duration {
-	if s.AcceptTimeout <= 0 {
-		return defaultRelayAcceptTimeout
-	}
-	return s.AcceptTimeout
+	return orDefault(s.AcceptTimeout, defaultRelayAcceptTimeout)
 }
-
 func (s *RelayServer) pingInterval() time.Duration {
-	if s.PingInterval <= 0 {
-		return defaultRelayPingInterval
-	}
-	return s.PingInterval
+	return orDefault(s.PingInterval, defaultRelayPingInterval)
 }
-
-func (s *RelayServer) maxSessions() int {
-	if s.MaxSessions <= 0 {
-		return defaultRelayMaxSessions
-	}
-	return s.MaxSessions
-}
-
+func (s *RelayServer) maxSessions() int { return orDefault(s.MaxSessions, defaultRelayMaxSessions) }
 func (s *RelayServer) maxSessionsPerPeer() int {
-	if s.MaxSessionsPerPeer <= 0 {
-		return defaultRelayMaxPerPeer
-	}
-	return s.MaxSessionsPerPeer
+	return orDefault(s.MaxSessionsPerPeer, defaultRelayMaxPerPeer)
 }
-
 func (s *RelayServer) maxIdlePerPeer() int {
-	if s.MaxIdlePerPeer <= 0 {
-		return defaultRelayMaxIdlePerPeer
-	}
-	return s.MaxIdlePerPeer
+	return orDefault(s.MaxIdlePerPeer, defaultRelayMaxIdlePerPeer)
 }
-
 func (s *RelayServer) requestTimeout() time.Duration {
-	if s.RequestTimeout <= 0 {
-		return defaultRelayRequestTimeout
-	}
-	return s.RequestTimeout
+	return orDefault(s.RequestTimeout, defaultRelayRequestTimeout)
 }
 
 // ListenAndServe listens on the TCP address addr with Listen and serves. It

@@ -43,6 +43,8 @@ package monitor
 
 import (
 	"encoding/json"
+	"log"
+	"net"
 	"net/http"
 	"time"
 
@@ -271,4 +273,29 @@ func (m *Monitor) Collect(ch chan<- prometheus.Metric) {
 	stamp(descOnionLastUpload, o.LastUpload)
 	stamp(descOnionLastCheck, o.LastCheck)
 	stamp(descOnionLastReached, o.LastReached)
+}
+
+// serveTimeout bounds each request on the status socket and the metrics
+// address: a client that stalls cannot hold a connection open.
+const serveTimeout = 10 * time.Second
+
+// Serve serves h on l in a goroutine with bounded request times, until the
+// returned server is closed. errorLog, if not nil, receives the server's
+// errors.
+func Serve(l net.Listener, h http.Handler, errorLog *log.Logger) *http.Server {
+	s := &http.Server{Handler: h, ReadHeaderTimeout: serveTimeout, ReadTimeout: serveTimeout,
+		WriteTimeout: serveTimeout, ErrorLog: errorLog}
+	go s.Serve(l)
+	return s
+}
+
+// ServeUnix makes the status socket at path (ListenUnix) and serves
+// Handler on it until the returned server is closed, which also removes
+// the socket.
+func (m *Monitor) ServeUnix(path string) (*http.Server, error) {
+	l, err := ListenUnix(path)
+	if err != nil {
+		return nil, err
+	}
+	return Serve(l, m.Handler(), nil), nil
 }

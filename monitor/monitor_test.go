@@ -1,7 +1,6 @@
 package monitor
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net"
@@ -12,10 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noisetor/noisetor/internal/metrictest"
+
 	"github.com/noisetor/noisetor"
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 )
 
 // privateDir returns a new directory of mode 0700 with a short path.
@@ -184,34 +182,9 @@ func TestMonitorOverSocket(t *testing.T) {
 // value, labels in name order.
 func parseMetrics(t *testing.T, b []byte) map[string]float64 {
 	t.Helper()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(bytes.NewReader(b))
+	m, err := metrictest.Parse(b)
 	if err != nil {
 		t.Fatalf("metrics do not parse: %v\n%s", err, b)
 	}
-	out := map[string]float64{}
-	for name, f := range fams {
-		for _, m := range f.GetMetric() {
-			var l []string
-			for _, lp := range m.GetLabel() {
-				l = append(l, lp.GetName()+`="`+lp.GetValue()+`"`)
-			}
-			key := name
-			if len(l) > 0 {
-				key += "{" + strings.Join(l, ",") + "}"
-			}
-			out[key] = value(f.GetType(), m)
-		}
-	}
-	return out
-}
-
-func value(t dto.MetricType, m *dto.Metric) float64 {
-	switch t {
-	case dto.MetricType_COUNTER:
-		return m.GetCounter().GetValue()
-	case dto.MetricType_GAUGE:
-		return m.GetGauge().GetValue()
-	}
-	return m.GetUntyped().GetValue()
+	return m
 }

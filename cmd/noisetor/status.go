@@ -54,10 +54,7 @@ func (o *statusOptions) start(log *slog.Logger, cfg *noisetor.Config, ln net.Lis
 		}
 	}
 	serve := func(l net.Listener, h http.Handler) {
-		s := &http.Server{Handler: h, ReadHeaderTimeout: statusReadTimeout, ReadTimeout: statusReadTimeout, WriteTimeout: statusReadTimeout,
-			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-		servers = append(servers, s)
-		go s.Serve(l)
+		servers = append(servers, monitor.Serve(l, h, slog.NewLogLogger(log.Handler(), slog.LevelWarn)))
 	}
 	if o.socket != "" {
 		l, err := monitor.ListenUnix(o.socket)

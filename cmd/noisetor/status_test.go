@@ -13,11 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/noisetor/noisetor/internal/metrictest"
+
 	"github.com/noisetor/noisetor"
 	"github.com/noisetor/noisetor/monitor"
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 )
 
 // waitUntil polls cond for up to 10 seconds.
@@ -30,37 +29,14 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// metricValues parses the Prometheus text format into name{labels} ->
-// value, the labels in name order.
+// metricValues parses the Prometheus text format.
 func metricValues(t *testing.T, text string) map[string]float64 {
 	t.Helper()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(strings.NewReader(text))
+	m, err := metrictest.Parse([]byte(text))
 	if err != nil {
 		t.Fatalf("metrics do not parse: %v\n%s", err, text)
 	}
-	out := map[string]float64{}
-	for name, f := range fams {
-		for _, m := range f.GetMetric() {
-			var l []string
-			for _, lp := range m.GetLabel() {
-				l = append(l, lp.GetName()+`="`+lp.GetValue()+`"`)
-			}
-			key := name
-			if len(l) > 0 {
-				key += "{" + strings.Join(l, ",") + "}"
-			}
-			switch f.GetType() {
-			case dto.MetricType_COUNTER:
-				out[key] = m.GetCounter().GetValue()
-			case dto.MetricType_GAUGE:
-				out[key] = m.GetGauge().GetValue()
-			default:
-				out[key] = m.GetUntyped().GetValue()
-			}
-		}
-	}
-	return out
+	return m
 }
 
 // A serve with --status-socket and --metrics-listen: after a client's

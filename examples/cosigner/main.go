@@ -30,7 +30,6 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/noisetor/noisetor"
 	"github.com/noisetor/noisetor/monitor"
@@ -107,12 +106,11 @@ func main() {
 	// in a directory that must be private (mode 0700).
 	if *statusSocket != "" {
 		onion, _ := inner.(*noisetor.OnionListener)
-		sl, err := monitor.ListenUnix(*statusSocket)
+		st, err := monitor.New(cfg, onion).ServeUnix(*statusSocket)
 		if err != nil {
 			log.Fatal(err)
 		}
-		defer sl.Close()
-		go (&http.Server{Handler: monitor.New(cfg, onion).Handler(), ReadHeaderTimeout: 10 * time.Second}).Serve(sl)
+		defer st.Close()
 	}
 
 	// Accept yields only connections whose handshake succeeded with a

@@ -19,12 +19,10 @@ import (
 	"flag"
 	"log"
 	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/noisetor/noisetor"
 	"github.com/noisetor/noisetor/monitor"
@@ -112,12 +110,11 @@ func main() {
 	// in a directory that must be private (mode 0700).
 	if *statusSocket != "" {
 		onion, _ := inner.(*noisetor.OnionListener)
-		sl, err := monitor.ListenUnix(*statusSocket)
+		st, err := monitor.New(cfg, onion).ServeUnix(*statusSocket)
 		if err != nil {
 			log.Fatal(err)
 		}
-		defer sl.Close()
-		go (&http.Server{Handler: monitor.New(cfg, onion).Handler(), ReadHeaderTimeout: 10 * time.Second}).Serve(sl)
+		defer st.Close()
 	}
 
 	// Every registration, request and session is logged by name.

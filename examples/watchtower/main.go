@@ -92,12 +92,11 @@ func main() {
 	// metrics at GET /metrics. The socket is 0600 in a directory that must
 	// be private (mode 0700).
 	if *statusSocket != "" {
-		sl, err := monitor.ListenUnix(*statusSocket)
+		st, err := monitor.New(cfg, nil).ServeUnix(*statusSocket)
 		if err != nil {
 			log.Fatal(err)
 		}
-		defer sl.Close()
-		go (&http.Server{Handler: monitor.New(cfg, nil).Handler(), ReadHeaderTimeout: 10 * time.Second}).Serve(sl)
+		defer st.Close()
 	}
 
 	mux := http.NewServeMux()
