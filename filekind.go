@@ -23,6 +23,7 @@ const (
 	kindClientAuth = "a Tor client-authorization key file"
 	kindKeyring    = "a noisetor keyring (the public list of peers)"
 	kindPublicKey  = "a noisetor public key"
+	kindPIN        = "a PIN file"
 )
 
 // secretFileKind names the secret key file whose whole content is data, or
@@ -78,16 +79,22 @@ func sniffPublicFile(path string) string {
 	return publicFileKind(data)
 }
 
-// wrongFile says that path, given as want, is kind.
+// wrongFile says that path, given as want (one of the kind names, or "a
+// keyring"), is kind.
 func wrongFile(path, kind, want string) *wrongFileError {
-	advice := ""
+	asked, advice := want, ""
 	switch want {
-	case "a private key":
-		advice = " (made by noisetor keygen; flag -k)"
+	case kindPrivateKey:
+		asked, advice = "a private key", " (made by noisetor keygen; flag -k)"
+	case kindOnionKey:
+		asked = "an onion service key"
+	case kindClientAuth:
+		asked = "a Tor client-authorization key"
 	case "a keyring":
 		advice = " (the list of peers' PUBLIC keys, flag -r); nothing secret was shown or exposed"
 	}
-	return &wrongFileError{fmt.Sprintf("%s is %s, not %s: give the %s file%s", path, kind, want, strings.TrimPrefix(want, "a "), advice)}
+	file := strings.TrimPrefix(strings.TrimPrefix(asked, "an "), "a ")
+	return &wrongFileError{fmt.Sprintf("%s is %s, not %s: give the %s file%s", path, kind, asked, strings.TrimSuffix(file, " file"), advice)}
 }
 
 // A wrongFileError matches ErrWrongFile and ErrBadKey.

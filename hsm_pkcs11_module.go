@@ -5,6 +5,7 @@ package noisetor
 import (
 	"crypto/subtle"
 	"encoding/hex"
+	"errors"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -107,16 +108,18 @@ func (c *PKCS11Config) check(generate bool) (pin string, err error) {
 // readPINFile reads the first line of path, which group and others must not
 // be able to read. The error never contains the file's contents.
 func readPINFile(path string) (string, error) {
-	b, err := readPrivateFile(path)
+	pin, err := loadSecretFile(path, kindPIN, func(b []byte) (string, error) {
+		line, _, _ := strings.Cut(string(b), "\n")
+		line = strings.TrimSuffix(line, "\r")
+		if line == "" {
+			return "", errors.New("it is empty")
+		}
+		return line, nil
+	})
 	if err != nil {
 		return "", p11err(ErrPKCS11PIN, err, "PIN file")
 	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	line = strings.TrimSuffix(line, "\r")
-	if line == "" {
-		return "", p11err(ErrPKCS11PIN, nil, "PIN file %s is empty", path)
-	}
-	return line, nil
+	return pin, nil
 }
 
 // p11module is a loaded, initialised PKCS#11 module, shared by every key of

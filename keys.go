@@ -351,22 +351,33 @@ var ErrKeyFilePermissions = errors.New("noisetor: secret file is not private")
 // this user's or root's. The error says which check failed and the fix; it
 // matches ErrKeyFilePermissions and ErrUnsafeFile.
 func LoadPrivateKey(path string) (*PrivateKey, error) {
+	return loadSecretFile(path, kindPrivateKey, ParsePrivateKey)
+}
+
+// loadSecretFile reads the secret file at path after the checks of
+// LoadPrivateKey, parses it with parse and clears the bytes it read. kind
+// is what the file should hold: a file of another kind gets an error that
+// says what it is (ErrWrongFile) rather than advice for the wrong kind of
+// file; any other parse error names the file.
+func loadSecretFile[T any](path, kind string, parse func([]byte) (T, error)) (T, error) {
+	var zero T
 	text, err := readPrivateFile(path)
 	if err != nil {
-		if kind := sniffPublicFile(path); kind != "" && errors.Is(err, ErrKeyFilePermissions) {
-			return nil, wrongFile(path, kind, "a private key")
+		if other := sniffPublicFile(path); other != "" && errors.Is(err, ErrKeyFilePermissions) {
+			return zero, wrongFile(path, other, kind)
 		}
-		return nil, err
+		return zero, err
 	}
-	k, err := ParsePrivateKey(text)
+	defer clear(text)
+	k, err := parse(text)
 	if err != nil {
-		if kind := secretFileKind(text); kind != "" && kind != kindPrivateKey {
-			return nil, wrongFile(path, kind, "a private key")
+		if other := secretFileKind(text); other != "" && other != kind {
+			return zero, wrongFile(path, other, kind)
 		}
-		if kind := publicFileKind(text); kind == kindKeyring {
-			return nil, wrongFile(path, kind, "a private key")
+		if other := publicFileKind(text); other == kindKeyring {
+			return zero, wrongFile(path, other, kind)
 		}
-		return nil, &contextError{path, err}
+		return zero, &contextError{path, err}
 	}
 	return k, nil
 }

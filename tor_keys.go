@@ -122,16 +122,7 @@ func ParseOnionKey(b []byte) (*OnionKey, error) {
 // LoadOnionKey reads an onion key file. It refuses a file that group or
 // others may access (ErrKeyFilePermissions).
 func LoadOnionKey(path string) (*OnionKey, error) {
-	b, err := readPrivateFile(path)
-	if err != nil {
-		return nil, err
-	}
-	k, err := ParseOnionKey(b)
-	clear(b)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return k, nil
+	return loadSecretFile(path, kindOnionKey, ParseOnionKey)
 }
 
 // SaveOnionKey writes k to a new file with mode 0600; it never overwrites.
@@ -237,16 +228,7 @@ func ParseClientAuthKey(b []byte) (*ClientAuthKey, error) {
 // LoadClientAuthKey reads a client-auth key file. It refuses a file that
 // group or others may access (ErrKeyFilePermissions).
 func LoadClientAuthKey(path string) (*ClientAuthKey, error) {
-	b, err := readPrivateFile(path)
-	if err != nil {
-		return nil, err
-	}
-	k, err := ParseClientAuthKey(b)
-	clear(b)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return k, nil
+	return loadSecretFile(path, kindClientAuth, ParseClientAuthKey)
 }
 
 // SaveClientAuthKey writes k to a new file with mode 0600; it never
