@@ -714,3 +714,29 @@ func fromUnixNano(n int64) time.Time {
 
 func (c *Conn) userReadDeadline() time.Time  { return fromUnixNano(c.readDeadline.Load()) }
 func (c *Conn) userWriteDeadline() time.Time { return fromUnixNano(c.writeDeadline.Load()) }
+
+// boundIO bounds the I/O on c by ctx: until stop is called, c's deadline is
+// ctx's deadline or fallback from now, whichever is sooner (ctxBound: ctx's),
+// and a cancelled ctx cuts the I/O short at once. stop waits for a
+// cancellation being applied, then calls restore to reset c's deadlines.
+func boundIO(ctx context.Context, c interface{ SetDeadline(time.Time) error }, fallback time.Duration, restore func()) (stop func(), ctxBound bool) {
+	deadline := time.Now().Add(fallback)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline, ctxBound = d, true
+	}
+	c.SetDeadline(deadline)
+	// context.AfterFunc starts no goroutine unless ctx is cancelled (none
+	// at all for a context that cannot be), where a watcher goroutine per
+	// handshake cost a spawn and a wake-up.
+	fired := make(chan struct{})
+	stopWatch := context.AfterFunc(ctx, func() {
+		c.SetDeadline(time.Unix(1, 0)) // unblock reads and writes now
+		close(fired)
+	})
+	return func() {
+		if !stopWatch() {
+			<-fired // it ran or is running: let it finish before restoring
+		}
+		restore()
+	}, ctxBound
+}

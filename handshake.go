@@ -10,7 +10,6 @@ import (
 	"net"
 	"slices"
 	"syscall"
-	"time"
 
 	"github.com/flynn/noise"
 )
@@ -206,31 +205,13 @@ func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
 	return noise.NewHandshakeState(cfg)
 }
 
-// handshakeDeadline bounds ctx by the configured handshake timeout and
-// applies the deadline to the underlying connection, also cancelling its I/O
-// when ctx is cancelled. ctxBound reports that ctx's deadline is the earlier
-// one. The returned stop restores the caller's deadlines.
+// handshakeDeadline bounds the handshake's I/O by ctx and the configured
+// handshake timeout (boundIO); stop restores the caller's deadlines.
 func (c *Conn) handshakeDeadline(ctx context.Context) (stop func(), ctxBound bool) {
-	deadline := time.Now().Add(c.cfg.handshakeTimeout())
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline, ctxBound = d, true
-	}
-	c.conn.SetDeadline(deadline)
-	// context.AfterFunc starts no goroutine unless ctx is cancelled (none
-	// at all for a context that cannot be), where a watcher goroutine per
-	// handshake cost a spawn and a wake-up.
-	fired := make(chan struct{})
-	stopWatch := context.AfterFunc(ctx, func() {
-		c.conn.SetDeadline(time.Unix(1, 0)) // unblock reads and writes now
-		close(fired)
-	})
-	return func() {
-		if !stopWatch() {
-			<-fired // it ran or is running: let it finish before restoring
-		}
+	return boundIO(ctx, c.conn, c.cfg.handshakeTimeout(), func() {
 		c.conn.SetReadDeadline(c.userReadDeadline())
 		c.conn.SetWriteDeadline(c.userWriteDeadline())
-	}, ctxBound
+	})
 }
 
 // clientHandshake runs the initiator side. The keyring entry is chosen by

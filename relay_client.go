@@ -587,29 +587,9 @@ func (s *relayStream) Close() error {
 // sync server.
 func (s *relayStream) NetConn() net.Conn { return s.Conn }
 
-// relayDeadline bounds the I/O on c by ctx (or, if ctx has no deadline, by
-// fallback from now), also cutting it short when ctx is cancelled. The
-// returned stop clears the deadlines.
+// relayDeadline bounds the I/O on c by ctx, or fallback (boundIO); stop
+// clears the deadlines.
 func relayDeadline(ctx context.Context, c *Conn, fallback time.Duration) (stop func()) {
-	deadline := time.Now().Add(fallback)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c.SetDeadline(deadline)
-	var mu sync.Mutex
-	stopped := false
-	stopAfter := context.AfterFunc(ctx, func() {
-		mu.Lock()
-		defer mu.Unlock()
-		if !stopped {
-			c.SetDeadline(time.Unix(1, 0))
-		}
-	})
-	return func() {
-		stopAfter()
-		mu.Lock()
-		stopped = true
-		mu.Unlock()
-		c.SetDeadline(time.Time{})
-	}
+	stop, _ = boundIO(ctx, c, fallback, func() { c.SetDeadline(time.Time{}) })
+	return stop
 }
