@@ -651,11 +651,9 @@ func (c *Conn) Close() error {
 const closeDrainTimeout = 20 * time.Millisecond
 
 // drainUnread reads and discards, briefly, data the peer sent that nobody
-// read. Closing a socket with unread data makes the kernel send a reset
-// instead of a FIN, and a reset can destroy what we wrote just before (tor,
-// for one, then drops the stream's last cells): the peer would lose our
-// final data and our close record. If a Read is in progress it is consuming
-// the data anyway, and Close does not wait for it.
+// read, so that closing the socket sends a FIN, not a reset that could
+// destroy our final data and close record (see torStream). If a Read is in
+// progress it is consuming the data anyway, and Close does not wait for it.
 func (c *Conn) drainUnread() {
 	if !c.in.mu.TryLock() {
 		return

@@ -565,17 +565,14 @@ func (s *relayStream) setupDone() {
 func (s *relayStream) RemoteAddr() net.Addr { return s.addr }
 
 // CloseWrite does nothing: the inner connection's close record ends its
-// direction, and the outer connection stays whole until Close. A half-close
-// of the outer one would end a Tor stream in both directions (Tor streams
-// have no half-close), losing the peer's reply.
+// direction, and the outer connection stays whole until Close (a Tor stream
+// has no half-close: see torStream).
 func (s *relayStream) CloseWrite() error { return nil }
 
 // Close reads and discards, for at most relayLinger, what the peer has
-// already sent, and then closes the outer connection. A TCP socket closed
-// with unread data (typically the peer's close record) sends a reset
-// instead of a FIN, and tor, seeing the reset, drops the data we wrote just
-// before it, our own close records included: the peer would see a
-// truncation instead of a clean close.
+// already sent (typically its close record), and then closes the outer
+// connection: with unread data the close would be a reset, and tor would
+// drop our own close records (see torStream).
 func (s *relayStream) Close() error {
 	s.setupDone()
 	s.Conn.SetReadDeadline(time.Now().Add(relayLinger))

@@ -583,10 +583,20 @@ func (l *OnionListener) Accept() (net.Conn, error) {
 	return torStream{c}, nil
 }
 
-// torStream is a connection carried by a Tor stream. It hides the TCP
-// connection's CloseWrite: Tor streams cannot be half-closed, and tor ends
-// the whole stream on a FIN, so noisetor's CloseWrite must send only its
-// close record.
+// torStream is a connection carried by a Tor stream.
+//
+// How a stream ends over Tor, the one place this is said (the record layer,
+// the relay and its splice follow it):
+//   - A Tor stream cannot be half-closed: tor ends the whole stream on a FIN.
+//     So a torStream hides the TCP CloseWrite, and noisetor's CloseWrite
+//     sends only its close record; the relay keeps its outer connection
+//     whole until Close.
+//   - A socket closed with unread data sends a reset instead of a FIN, and
+//     tor, seeing the reset, drops the stream's last cells: what we wrote
+//     just before, close records included. So whoever closes first reads
+//     and discards what has arrived (Conn.drainUnread, relayStream.Close),
+//     and the relay ends a direction without a record of its own after the
+//     end-to-end close record.
 type torStream struct{ net.Conn }
 
 // NetConn returns the local TCP connection to or from tor.
