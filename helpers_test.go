@@ -148,21 +148,48 @@ func listenServing(t testing.TB, cfg *Config, handle func(net.Conn)) net.Listene
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	if handle == nil {
+		handle = func(net.Conn) {} // serveAll closes it
+	}
+	serveAll(t, ln, handle)
+	return ln
+}
+
+// serveAll accepts from l until it is closed, running handle on each
+// connection in its own goroutine. Cleanup closes l and every accepted
+// connection and waits for the handlers.
+func serveAll(t testing.TB, l net.Listener, handle func(c net.Conn)) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Add(1)
 	go func() {
+		defer wg.Done()
 		for {
-			c, err := ln.Accept()
+			c, err := l.Accept()
 			if err != nil {
 				return
 			}
-			if handle == nil {
-				c.Close()
-				continue
-			}
-			go func() { defer c.Close(); handle(c) }()
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				handle(c)
+			}()
 		}
 	}()
-	return ln
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
 }
 
 // delayProxy forwards TCP connections on 127.0.0.1 to target, holding every

@@ -261,7 +261,7 @@ func (n *evilNet) startTower(t *testing.T, name string, handle func(c net.Conn))
 		defer n.evil.mu.Unlock()
 		return n.evil.ctrl[name] != nil
 	})
-	relayServeAll(t, l, func(c net.Conn) {
+	serveAll(t, l, func(c net.Conn) {
 		count.Add(1)
 		handle(c)
 	})

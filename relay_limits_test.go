@@ -88,7 +88,7 @@ func TestRelayIdleConnectionsPerPeer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	relayServeAll(t, tl, relayEcho)
+	serveAll(t, tl, relayEcho)
 
 	const flood = 200
 	type result struct {
@@ -189,7 +189,7 @@ func TestRelayUnlistedWalletFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	relayServeAll(t, tl, relayEcho)
+	serveAll(t, tl, relayEcho)
 
 	relayed, refused, stop := relayFloodForged(t, n, "mallory", "tower", "wallet", 48)
 	time.Sleep(time.Second) // let the flood build up
@@ -445,7 +445,7 @@ func TestRelayListedWalletShare(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	relayServeAll(t, tl, relayEcho)
+	serveAll(t, tl, relayEcho)
 	relayed, refused, stop := relayFloodForged(t, n, "mallory", "tower", "mallory", 48)
 	time.Sleep(time.Second)
 	relayMembersGetIn(t, n.relaySlowClient(t, "wallet"), "tower", 5)
@@ -477,7 +477,7 @@ func TestRelayHonestBurst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	relayServeAll(t, tl, relayEcho)
+	serveAll(t, tl, relayEcho)
 	wallet := n.relaySlowClient(t, "wallet")
 	const burst = 60
 	var wg sync.WaitGroup

@@ -67,43 +67,6 @@ func (n *relayTestNet) client(name string) *RelayClient {
 	return &RelayClient{Config: n.peers[name].cfg, Server: "sync", Address: n.addr}
 }
 
-// relayServeAll accepts from l until it is closed, running handle on each
-// connection in its own goroutine. Cleanup closes l and every accepted
-// connection and waits for the handlers.
-func relayServeAll(t *testing.T, l net.Listener, handle func(c net.Conn)) {
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				handle(c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		l.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-}
-
 // tower registers name with the sync server and serves relayed connections.
 func (n *relayTestNet) tower(t *testing.T, name string, handle func(c net.Conn)) net.Listener {
 	t.Helper()
@@ -113,7 +76,7 @@ func (n *relayTestNet) tower(t *testing.T, name string, handle func(c net.Conn))
 	if err != nil {
 		t.Fatalf("%s: Listen: %v", name, err)
 	}
-	relayServeAll(t, l, handle)
+	serveAll(t, l, handle)
 	return l
 }
 
@@ -807,7 +770,7 @@ func TestRelayOverTor(t *testing.T) {
 	registered := time.Since(start)
 	// The handler replies without reading to the end: the wallet's close
 	// record is still unread when it closes (see relayStream.Close).
-	relayServeAll(t, l, func(c net.Conn) {
+	serveAll(t, l, func(c net.Conn) {
 		p, _ := PeerOf(c)
 		line := make([]byte, 5)
 		if _, err := io.ReadFull(c, line); err == nil {
