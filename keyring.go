@@ -464,7 +464,8 @@ func parseKeyring(path string, r io.Reader) (*Keyring, error) {
 		if name == "" {
 			name = "the input"
 		}
-		return nil, &KeyringError{Path: path, Err: wrongFile(name, kind, "a keyring").inKeyring()}
+		line := 1 + bytes.Count(data[:len(data)-len(bytes.TrimLeft(data, " \t\r\n"))], []byte("\n"))
+		return nil, &KeyringError{Path: path, Line: line, Err: wrongFile(name, kind, "a keyring").inKeyring()}
 	}
 
 	k := new(Keyring)
