@@ -266,11 +266,17 @@ func (c *Conn) HandshakeContext(ctx context.Context) error {
 		c.conn.Close()
 		c.in.half, c.out.half = nil, nil
 	}
+	if err == nil {
+		// The keyring was checked early in the handshake; a peer removed
+		// since then must not get the session (track checks again, in step
+		// with keyring changes).
+		if err = c.cfg.liveConns().track(c); err != nil {
+			c.conn.Close()
+			c.in.half, c.out.half = nil, nil
+		}
+	}
 	c.handshakeErr = err
 	c.state.HandshakeComplete = err == nil
-	if err == nil {
-		c.cfg.liveConns().track(c)
-	}
 	c.handshakeDone.Store(true)
 	if c.cfg != nil {
 		c.logAttempt(time.Since(start), err)

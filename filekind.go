@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 )
 
@@ -63,7 +64,12 @@ func publicFileKind(data []byte) string {
 // file (it may be group-readable: that is the point), and names the public
 // kind it is, or returns "".
 func sniffPublicFile(path string) string {
-	// Without blocking on a FIFO or a device, whatever path is.
+	// Without blocking on a FIFO or opening a device, whatever path is
+	// (it may be in a directory others can write: that is often why the
+	// secret file was refused).
+	if st, err := os.Lstat(path); err != nil || !st.Mode().IsRegular() {
+		return ""
+	}
 	f, err := openNonBlocking(path)
 	if err != nil {
 		return ""
@@ -73,6 +79,7 @@ func sniffPublicFile(path string) string {
 		return ""
 	}
 	data, err := io.ReadAll(io.LimitReader(f, maxKeyringSize))
+	defer clear(data) // it may be a private key that others can read
 	if err != nil {
 		return ""
 	}

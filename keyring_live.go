@@ -75,8 +75,10 @@ func (k *Keyring) Remove(name string) (Peer, error) {
 }
 
 // Update replaces the peers of k with those of next, atomically: a handshake
-// sees either the old keyring or the new one. Peers no longer in k (or whose
-// entry changed) lose their connections as with Remove. It returns what
+// sees either the old keyring or the new one. Connections whose peer is no
+// longer in k, or whose proven key k no longer accepts for it, are closed as
+// with Remove; a peer whose address or client-authorization key alone
+// changed keeps its connections. It returns what
 // changed; next is not modified and may be discarded.
 //
 // To reload a keyring file while running, parse it with LoadKeyring and, if
@@ -183,27 +185,46 @@ type liveConns struct {
 	conns map[*Conn]*time.Timer // the end of the overlap of the key it proved, or nil
 }
 
-// track records an established connection; Close untracks it.
-func (l *liveConns) track(c *Conn) {
+// track records an established connection (Close untracks it), or refuses
+// it if the keyring no longer accepts the key it proved: the handshake
+// checked the keyring when it began, and a Remove or Update since then was
+// not applied to it. Checking under l.mu, after the watcher is registered,
+// leaves no gap: a change before the check is seen by the check, one after
+// it finds c in l.conns.
+func (l *liveConns) track(c *Conn) error {
 	l.once.Do(func() {
 		if l.cfg.Keyring != nil {
 			l.cfg.Keyring.watch(l.keyringChanged) // for the life of the Config
 		}
 	})
 	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.stillAccepted(c) {
+		return fmt.Errorf("%w: %q was removed from the keyring (or its key replaced) during the handshake", ErrUnknownPeer, c.state.Peer.Name)
+	}
 	if l.conns == nil {
 		l.conns = make(map[*Conn]*time.Timer)
 	}
-	// A session authenticated with the key a rotation replaces ends with the
-	// overlap: whoever holds the old key (perhaps because it leaked) keeps
-	// nothing past it.
-	var overlapEnd *time.Timer
-	if p := c.state.Peer; !p.NextKey.IsZero() && c.state.PeerKey == p.PublicKey {
-		overlapEnd = time.AfterFunc(p.OverlapUntil.Sub(l.cfg.now()), func() { l.recheck(c) })
-	}
-	l.conns[c] = overlapEnd
-	l.mu.Unlock()
+	l.conns[c] = nil
+	l.armOverlapEndLocked(c)
 	c.live = l
+	return nil
+}
+
+// armOverlapEndLocked (re)sets c's timer for the end of the overlap of the
+// key it proved, from the keyring's current entry: a session authenticated
+// with the key a rotation replaces ends with the overlap, so whoever holds
+// the old key (perhaps because it leaked) keeps nothing past it. A rotation
+// started, moved or dropped after the session began moves or stops the
+// timer. l.mu must be held and c tracked.
+func (l *liveConns) armOverlapEndLocked(c *Conn) {
+	if t := l.conns[c]; t != nil {
+		t.Stop()
+	}
+	l.conns[c] = nil
+	if q, ok := l.cfg.Keyring.ByKey(c.state.PeerKey); ok && !q.NextKey.IsZero() && q.PublicKey == c.state.PeerKey {
+		l.conns[c] = time.AfterFunc(q.OverlapUntil.Sub(l.cfg.now()), func() { l.recheck(c) })
+	}
 }
 
 func (l *liveConns) untrack(c *Conn) {
@@ -230,8 +251,8 @@ func (l *liveConns) recheck(c *Conn) {
 	revoke := tracked && !l.stillAccepted(c)
 	if revoke {
 		delete(l.conns, c)
-	} else if q, _ := l.cfg.Keyring.ByKey(c.state.PeerKey); tracked && q.PublicKey == c.state.PeerKey && !q.NextKey.IsZero() {
-		l.conns[c] = time.AfterFunc(max(q.OverlapUntil.Sub(l.cfg.now()), time.Second), func() { l.recheck(c) })
+	} else if tracked {
+		l.armOverlapEndLocked(c)
 	}
 	l.mu.Unlock()
 	if revoke {
@@ -255,6 +276,8 @@ func (l *liveConns) keyringChanged(change KeyringChange) {
 			}
 			revoked = append(revoked, c)
 			delete(l.conns, c)
+		} else {
+			l.armOverlapEndLocked(c) // a rotation may have begun or moved
 		}
 	}
 	l.mu.Unlock()
@@ -276,7 +299,7 @@ func (c *Conn) revoke() {
 	c.activeCall.Or(1) // as Close: Writes and Close now return net.ErrClosed
 	if s, ok := c.conn.(*relayStream); ok {
 		s.setupDone()
-		s.Conn.Close()
+		s.Conn.revoke() // no close record: it could wait closeRecordTimeout
 		return
 	}
 	c.conn.Close()

@@ -431,7 +431,7 @@ func (l *relayListener) dialBack(token string, requester PublicKey) {
 			return
 		}
 		l.rc.logDecision(slog.LevelInfo, "accept", "", "ok", "", start) // the peer is known once authenticated, in the handshake record
-		rs := &relayStream{Conn: c, addr: relayAddr(l.rc.Server), requester: from, release: release}
+		rs := &relayStream{Conn: c, addr: relayAddr(l.rc.Server), requester: from, requesterKey: requester, release: release}
 		if !l.feed.push(rs) {
 			rs.Close()
 		}
@@ -459,7 +459,7 @@ func (l *relayListener) Accept() (net.Conn, error) {
 			c.Close()
 			continue
 		}
-		if p.PublicKey != rs.requester.PublicKey {
+		if c.(*Conn).ConnectionState().PeerKey != rs.requesterKey {
 			// The sync server announced the request as another peer's
 			// (and so charged it to that peer's share): it misbehaves.
 			l.rc.logDecision(slog.LevelWarn, "accept", p.Name, "refused",
@@ -545,15 +545,17 @@ type relayStream struct {
 	addr relayAddr
 
 	// On a relay listener: the peer the sync server said the stream is from,
+	// the key it named (during a rotation, possibly the entry's next key),
 	// and the release of its relayGate slot.
-	requester Peer
-	release   func()
+	requester    Peer
+	requesterKey PublicKey
+	release      func()
 }
 
 // announcedInitiator is the key the sync server said the stream is from: the
 // server handshake refuses, at the preamble and before any DH, a KK preamble
 // that proves another key (the sync server's own pair key, say).
-func (s *relayStream) announcedInitiator() PublicKey { return s.requester.PublicKey }
+func (s *relayStream) announcedInitiator() PublicKey { return s.requesterKey }
 
 // setupDone frees the stream's relayGate slot, if it holds one.
 func (s *relayStream) setupDone() {
