@@ -19,20 +19,8 @@ func TestKeyRotationRequesterThroughRelay(t *testing.T) {
 	peers := newTestPeers(t, "sync", "wallet", "tower")
 	next := mustKey(t)
 	w := peers["wallet"]
-	rotating := Peer{Name: "wallet", PublicKey: w.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until}
-	for _, name := range []string{"sync", "tower"} {
-		cfg := peers[name].cfg
-		ring := new(Keyring)
-		for _, p := range cfg.Keyring.Peers() {
-			if p.Name == "wallet" {
-				p = rotating
-			}
-			if err := ring.Add(p); err != nil {
-				t.Fatal(err)
-			}
-		}
-		cfg.Keyring.Update(ring)
-	}
+	listRotation(t, Peer{Name: "wallet", PublicKey: w.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until},
+		peers["sync"].cfg, peers["tower"].cfg)
 	w.cfg.StaticKey, w.cfg.PreviousStaticKey = next, w.key
 	for _, p := range peers {
 		p.cfg.Patterns = []Pattern{KK}
@@ -64,19 +52,23 @@ func TestKeyRotationStartedAfterSession(t *testing.T) {
 	rot, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey(), NextKey: s.next.PublicKey(), OverlapUntil: until})
 	s.walletCfg.Keyring.Update(rot)
 	time.Sleep(time.Until(until) + 2*time.Second)
-	// new sessions with old key are refused:
 	if c, err := roundTrip(s.tower(false), "wallet", walletSide, KK); err == nil {
 		c.Close()
 		t.Error("old key opens a new session")
 	}
-	if _, err := oldConn.Write([]byte("ping")); err != nil {
-		t.Logf("write: %v (cut: good)", err)
-		return
+	expectSessionEnded(t, oldConn, "old-key session established before the rotation was added", until)
+}
+
+// expectSessionEnded checks that c, an echoed session, no longer works
+// (some time after end).
+func expectSessionEnded(t *testing.T, c net.Conn, what string, end time.Time) {
+	t.Helper()
+	if _, err := c.Write([]byte("ping")); err != nil {
+		return // cut
 	}
-	oldConn.SetReadDeadline(time.Now().Add(2 * time.Second))
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(oldConn, buf); err == nil {
-		t.Errorf("old-key session established before the rotation was added still works %v after the overlap ended", time.Since(until))
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.ReadFull(c, make([]byte, 4)); err == nil {
+		t.Errorf("%s still works %v after the overlap ended", what, time.Since(end))
 	}
 }
 
@@ -94,28 +86,25 @@ func TestKeyRotationShortened(t *testing.T) {
 	rot, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey(), NextKey: s.next.PublicKey(), OverlapUntil: until})
 	s.walletCfg.Keyring.Update(rot)
 	time.Sleep(time.Until(until) + 2*time.Second)
-	if _, err := oldConn.Write([]byte("ping")); err != nil {
-		return
-	}
-	oldConn.SetReadDeadline(time.Now().Add(2 * time.Second))
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(oldConn, buf); err == nil {
-		t.Errorf("old-key session still works %v after the shortened overlap ended", time.Since(until))
-	}
+	expectSessionEnded(t, oldConn, "old-key session, its overlap shortened,", until)
 }
 
-// A peer removed while its handshake is in flight (after the responder's
-// keyring check, before track). Simulated with a slow initiator: the
-// initiator conn delays its confirm record.
+// A peer removed while its handshake is in flight: after the responder's
+// keyring check, before the session is tracked. The initiator holds back
+// its second write (KK: the confirm record, after message 2 has arrived, so
+// the responder is past its preamble check; XK: message 3 and the confirm,
+// checked against the keyring when they arrive).
 type slowConfirm struct {
 	net.Conn
-	n     int
-	delay chan struct{}
+	n       int
+	reached chan struct{} // closed when the second write is held
+	delay   chan struct{}
 }
 
 func (s *slowConfirm) Write(b []byte) (int, error) {
 	s.n++
-	if s.n == 2 { // confirm record
+	if s.n == 2 {
+		close(s.reached)
 		<-s.delay
 	}
 	return s.Conn.Write(b)
@@ -140,14 +129,18 @@ func TestKeyringRemoveDuringHandshake(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sc := &slowConfirm{Conn: raw, delay: make(chan struct{})}
+			sc := &slowConfirm{Conn: raw, reached: make(chan struct{}), delay: make(chan struct{})}
 			done := make(chan error, 1)
 			var cc *Conn
 			go func() {
 				cc = Client(sc, wa.cfg, "tower")
 				done <- cc.HandshakeContext(context.Background())
 			}()
-			time.Sleep(300 * time.Millisecond) // responder has checked the keyring (KK) / is waiting for msg3 (XK: msg3 goes with confirm)
+			select {
+			case <-sc.reached:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the initiator never got to its second write")
+			}
 			if _, err := tw.cfg.Keyring.Remove("wallet"); err != nil {
 				t.Fatal(err)
 			}
@@ -156,14 +149,12 @@ func TestKeyringRemoveDuringHandshake(t *testing.T) {
 				t.Logf("handshake failed after Remove: %v (good)", err)
 				return
 			}
-			var sconn net.Conn
 			select {
-			case sconn = <-got:
+			case <-got:
 			case <-time.After(3 * time.Second):
 				t.Logf("responder refused (good)")
 				return
 			}
-			_ = sconn
 			cc.Write([]byte("ping"))
 			cc.SetReadDeadline(time.Now().Add(2 * time.Second))
 			buf := make([]byte, 4)

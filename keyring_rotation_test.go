@@ -284,21 +284,9 @@ func TestKeyRotationThroughRelay(t *testing.T) {
 	peers := newTestPeers(t, "sync", "wallet", "tower")
 	next := mustKey(t)
 	tower := peers["tower"]
-	rotating := Peer{Name: "tower", PublicKey: tower.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until}
-	for _, name := range []string{"sync", "wallet"} {
-		cfg := peers[name].cfg
-		cfg.Time = clock.now
-		ring := new(Keyring)
-		for _, p := range cfg.Keyring.Peers() {
-			if p.Name == "tower" {
-				p = rotating
-			}
-			if err := ring.Add(p); err != nil {
-				t.Fatal(err)
-			}
-		}
-		cfg.Keyring.Update(ring)
-	}
+	peers["sync"].cfg.Time, peers["wallet"].cfg.Time = clock.now, clock.now
+	listRotation(t, Peer{Name: "tower", PublicKey: tower.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until},
+		peers["sync"].cfg, peers["wallet"].cfg)
 	tower.cfg.StaticKey, tower.cfg.PreviousStaticKey, tower.cfg.Time = next, tower.key, clock.now
 
 	n := &relayTestNet{peers: peers}
@@ -324,5 +312,24 @@ func TestKeyRotationThroughRelay(t *testing.T) {
 			t.Errorf("%s: echo: %q, %v", phase.name, buf, err)
 		}
 		c.Close()
+	}
+}
+
+// listRotation replaces the entry of rotating.Name in the keyring of each
+// Config with rotating, as the other machines do when a peer starts a
+// rotation.
+func listRotation(t *testing.T, rotating Peer, cfgs ...*Config) {
+	t.Helper()
+	for _, cfg := range cfgs {
+		ring := new(Keyring)
+		for _, p := range cfg.Keyring.Peers() {
+			if p.Name == rotating.Name {
+				p = rotating
+			}
+			if err := ring.Add(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cfg.Keyring.Update(ring)
 	}
 }
