@@ -70,11 +70,11 @@ func genuineFlight(t *testing.T, member *Config, server PublicKey, pattern Patte
 	rand.Read(pre.salt[:])
 	var raw []byte
 	if pattern == KK {
-		k, err := member.keys().toPeer(server)
+		k, err := member.keys().secrets(server)
 		if err != nil {
 			t.Fatal(err)
 		}
-		raw = pre.sealKK(k, time.Now())
+		raw = pre.sealKK(k.toPeer, time.Now())
 	} else {
 		raw = pre.sealXK(server)
 	}

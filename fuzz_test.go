@@ -34,12 +34,12 @@ func FuzzPreamble(f *testing.F) {
 	ps := newTestPeers(f, "server", "client")
 	srv, cli := ps["server"], ps["client"]
 	now := time.Now()
-	k, err := cli.cfg.keys().toPeer(srv.key.PublicKey())
+	s, err := cli.cfg.keys().secrets(srv.key.PublicKey())
 	if err != nil {
 		f.Fatal(err)
 	}
 	kk := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly}
-	f.Add(kk.sealKK(k, now))
+	f.Add(kk.sealKK(s.toPeer, now))
 	xk := preamble{pattern: XK, curve: X25519, cipher: ChaChaPoly}
 	f.Add(xk.sealXK(srv.key.PublicKey()))
 	f.Add([]byte("NTOR"))

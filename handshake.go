@@ -28,6 +28,10 @@ type dhFunc struct {
 	curve  Curve
 	static StaticKey
 	eph    *ecdh.PrivateKey
+	// remote and ss: the peer's static key and DH(static, remote), when
+	// known before the handshake (KK), so that its ss token costs no DH.
+	remote []byte
+	ss     []byte
 	// gate takes one of the Listener's DH slots for the length of one DH;
 	// nil outside a Listener.
 	gate func() (release func(), err error)
@@ -48,6 +52,9 @@ func (d *dhFunc) GenerateKeypair(random io.Reader) (noise.DHKey, error) {
 }
 
 func (d *dhFunc) DH(priv, pub []byte) ([]byte, error) {
+	if len(priv) == len(staticRef) && d.ss != nil && bytes.Equal(pub, d.remote) {
+		return bytes.Clone(d.ss), nil // -> ss
+	}
 	if d.gate != nil {
 		release, err := d.gate()
 		if err != nil {
@@ -181,6 +188,7 @@ type handshakeParams struct {
 	cipher       CipherSuite
 	static       StaticKey
 	remoteStatic PublicKey // zero for an XK responder
+	ss           []byte    // KK: DH(static, remoteStatic), from pairSecrets
 	prologue     []byte
 	random       io.Reader // source of the ephemeral key
 	gate         func() (release func(), err error)
@@ -191,6 +199,9 @@ type handshakeParams struct {
 func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
 	curve := p.static.PublicKey().Curve()
 	dh := &dhFunc{curve: curve, static: p.static, gate: p.gate}
+	if p.ss != nil {
+		dh.remote, dh.ss = p.remoteStatic.Bytes(), p.ss
+	}
 	cfg := noise.Config{
 		CipherSuite:   noise.NewCipherSuite(dh, p.cipher.noiseCipher(), noise.HashSHA256),
 		Random:        p.random,
@@ -239,20 +250,20 @@ func (c *Conn) clientHandshake() error {
 	if _, err := io.ReadFull(cfg.rand(), pre.salt[:]); err != nil {
 		return fmt.Errorf("noisetor: reading randomness: %w", err)
 	}
-	var rawPreamble []byte
+	var rawPreamble, ss []byte
 	if pre.pattern == KK {
-		k, err := cfg.keys().toPeer(remote)
+		s, err := cfg.keys().secrets(remote)
 		if err != nil {
 			return readMessageErr(err, "the preamble", "could not be keyed")
 		}
-		rawPreamble = pre.sealKK(k, cfg.now())
+		rawPreamble, ss = pre.sealKK(s.toPeer, cfg.now()), s.ss
 	} else {
 		rawPreamble = pre.sealXK(remote)
 	}
 
 	hs, err := newHandshakeState(handshakeParams{
 		initiator: true, pattern: pre.pattern, cipher: pre.cipher,
-		static: cfg.StaticKey, remoteStatic: remote,
+		static: cfg.StaticKey, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
 	})
 	if err != nil {
@@ -406,6 +417,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	// preamble is addressed.
 	keys := cfg.keys()
 	var remote PublicKey
+	var ss []byte
 	var replay *replayCache
 	var window, now uint64
 	if pre.pattern == KK {
@@ -434,6 +446,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 			return fmt.Errorf("%w: the relayed preamble is not from the announced requester", ErrUnknownPeer)
 		}
 		c.state.Peer, c.state.PeerKey, remote, replay = p, secrets.peer, secrets.peer, secrets.replay
+		ss = secrets.ss
 		window, now = w, preambleWindowOf(cfg.now())
 	} else if keys = xkAddressee(cfg.ownKeys(), pre, rawPreamble); keys == nil {
 		c.refusal = "preamble did not verify"
@@ -463,7 +476,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 
 	hs, err := newHandshakeState(handshakeParams{
 		pattern: pre.pattern, cipher: pre.cipher,
-		static: keys.static, remoteStatic: remote,
+		static: keys.static, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
 		gate: c.dhGate(ctx),
 	})

@@ -12,8 +12,8 @@ import (
 // index from KK hint to peer for the windows currently accepted, the XK tag
 // key and the replay cache. Every connection, listener and dialer that uses
 // the Config shares it, so a replay sent to a second listener of the same
-// key is caught too, and a hardware token performs one DH per peer, not one
-// per handshake.
+// key is caught too, and a hardware token performs the static-static DH once
+// per peer, not once per handshake.
 type pairKeys struct {
 	static         StaticKey
 	own            PublicKey
@@ -26,9 +26,23 @@ type pairKeys struct {
 	index hintIndex
 }
 
-// pairSecrets are the two directions' keys of one pair.
+// pairSecrets are what one pair derives from its static keys: the two
+// directions' preamble keys, and ss itself, which KK handshakes reuse.
+//
+// Keeping ss is a decision, not an accident. Its DH is computed here anyway,
+// and a KK handshake with the same pair computes the same bytes again (two
+// of a handshake's ten scalar multiplications, or two of its four token
+// operations with a hardware key). What ss alone gives whoever reads it out
+// of memory is what the preamble key derived from it gives already: forging
+// preambles and message 1 (whose payload is empty), so as to make us do the
+// rest of a handshake that then fails. It yields no session, since es and se
+// each need a static private key, and no traffic, which also needs ee. It is
+// never written anywhere and never changes after it is derived (handshakes
+// read it without the lock); it goes with the pair when the peer leaves the
+// keyring.
 type pairSecrets struct {
 	peer         PublicKey
+	ss           []byte       // DH(our static key, peer): KK's ss token
 	toPeer, toUs *pairKey     // we initiate; the peer initiates
 	replay       *replayCache // the salts of the peer's preambles
 }
@@ -62,7 +76,7 @@ func (k *pairKeys) secretsLocked(peer PublicKey) (*pairSecrets, error) {
 	if peer.Curve() != k.own.Curve() {
 		return nil, fmt.Errorf("noisetor: peer key is %s and ours is %s", peer.Curve(), k.own.Curve())
 	}
-	// -> ss, once per pair, never kept.
+	// -> ss, once per pair.
 	ss, err := k.static.DH(peer)
 	if err != nil {
 		if errors.Is(err, ErrBadKey) {
@@ -73,27 +87,23 @@ func (k *pairKeys) secretsLocked(peer PublicKey) (*pairSecrets, error) {
 	if allZero(ss) {
 		return nil, fmt.Errorf("%w: DH with a peer key gave the all-zero output", ErrBadKey)
 	}
-	s := &pairSecrets{peer: peer, replay: newReplayCache(peerReplayCacheSize, true)}
+	s := &pairSecrets{peer: peer, ss: ss, replay: newReplayCache(peerReplayCacheSize, true)}
 	if s.toPeer, err = derivePairKey(ss, k.own, peer); err == nil {
 		s.toUs, err = derivePairKey(ss, peer, k.own)
 	}
-	clear(ss)
 	if err != nil {
+		clear(ss)
 		return nil, err
 	}
 	k.pairs[peer] = s
 	return s, nil
 }
 
-// toPeer returns the key with which we seal preambles to peer.
-func (k *pairKeys) toPeer(peer PublicKey) (*pairKey, error) {
+// secrets returns the pair's secrets with peer, deriving them on first use.
+func (k *pairKeys) secrets(peer PublicKey) (*pairSecrets, error) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	s, err := k.secretsLocked(peer)
-	if err != nil {
-		return nil, err
-	}
-	return s.toPeer, nil
+	return k.secretsLocked(peer)
 }
 
 // findKK returns the keyring peer whose pair key produced the hint and tag of

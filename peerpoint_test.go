@@ -41,13 +41,13 @@ func TestInvalidEphemeralNeverReachesStaticKey(t *testing.T) {
 
 			// A genuine preamble from the member, then a message 1 whose
 			// ephemeral key is invalid: only a key holder gets this far.
-			pk, err := client.keys().toPeer(serverKey.PublicKey())
+			s, err := client.keys().secrets(serverKey.PublicKey())
 			if err != nil {
 				t.Fatal(err)
 			}
 			pre := preamble{pattern: KK, curve: curve, cipher: ChaChaPoly}
 			rand.Read(pre.salt[:])
-			raw := pre.sealKK(pk, time.Now())
+			raw := pre.sealKK(s.toPeer, time.Now())
 			var bad []byte
 			if curve == X25519 {
 				bad = x25519SmallOrder[2][:] // a point of order 8

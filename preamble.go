@@ -107,8 +107,8 @@ func checkPreambleHead(b []byte) error {
 //	                info = "noisetor preamble key v2" || 0x00 || s_i || s_r)
 //
 // It needs the static-static DH, so only the initiator and the responder can
-// compute it. Only K is kept, never the DH output: K cannot be turned back
-// into the ss input of the Noise handshake.
+// compute it. (The DH output is kept too, for the handshake's ss token: see
+// pairSecrets.)
 type pairKey [32]byte
 
 func derivePairKey(ss []byte, initiator, responder PublicKey) (*pairKey, error) {

@@ -78,12 +78,15 @@ func TestPreambleSpec(t *testing.T) {
 	// The implementation.
 	resp, _ := NewPrivateKey(X25519, respScalar)
 	init, _ := NewPrivateKey(X25519, initScalar)
-	pk, err := (&Config{StaticKey: init}).keys().toPeer(resp.PublicKey())
+	sec, err := (&Config{StaticKey: init}).keys().secrets(resp.PublicKey())
 	if err != nil {
 		t.Fatal(err)
 	}
+	if got := hex.EncodeToString(sec.ss); got != preambleVectorSS {
+		t.Errorf("the kept ss: %s, WIRE.md §3 says %s", got, preambleVectorSS)
+	}
 	pre := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly, salt: [16]byte(salt)}
-	if got := pre.sealKK(pk, time.Unix(vectorTime, 0)); !bytes.Equal(got, kk) {
+	if got := pre.sealKK(sec.toPeer, time.Unix(vectorTime, 0)); !bytes.Equal(got, kk) {
 		t.Errorf("sealKK:\n got %x\nwant %x", got, kk)
 	}
 	pre = preamble{pattern: XK, curve: X25519, cipher: ChaChaPoly, salt: [16]byte(salt)}
