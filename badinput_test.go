@@ -140,6 +140,42 @@ func TestBadGarbage(t *testing.T) {
 	mustContain(t, serr.Error(), "bad magic")
 }
 
+// A handshake message of another length than its pattern's (here a KK
+// message 1 with a payload, from a keyring member) is refused at once, before
+// the responder writes anything.
+func TestBadHandshakeMessageLength(t *testing.T) {
+	ps := newTestPeers(t, "server", "client")
+	addr, res := serveOne(t, ps["server"].cfg)
+	server := ps["server"].key.PublicKey()
+	pre := preamble{pattern: KK, curve: X25519, cipher: ChaChaPoly}
+	rand.Read(pre.salt[:])
+	k, err := ps["client"].cfg.keys().secrets(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := pre.sealKK(k.toPeer, time.Now())
+	hs, err := newHandshakeState(handshakeParams{initiator: true, pattern: KK, cipher: ChaChaPoly,
+		static: ps["client"].key, remoteStatic: server, prologue: prologue(raw), random: rand.Reader})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg1, _, _, err := hs.WriteMessage(nil, []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := rawDial(t, addr)
+	c.Write(appendMessage(raw, msg1))
+	serr := <-res
+	if !errors.Is(serr, ErrHandshake) {
+		t.Fatalf("got %v, want ErrHandshake", serr)
+	}
+	mustContain(t, serr.Error(), "message 1", "49-byte message where one of 48 bytes is due")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("the responder answered a malformed message 1: %d bytes, %v", n, err)
+	}
+}
+
 // recordClientFlight dials addr as a real client and returns the bytes it
 // sent before message 2 arrived: preamble and message 1.
 func recordClientFlight(t *testing.T, cfg *Config, addr string) []byte {

@@ -280,7 +280,7 @@ func (c *Conn) clientHandshake() error {
 	}
 
 	// <- e, ee, se (KK) or <- e, ee (XK)
-	msg2, err := readMessage(c.conn)
+	msg2, err := readMessage(c.conn, handshakeMessageLen(own.Curve(), 2))
 	if err != nil {
 		return c.refusedErr("message 2", err, handshakeReadErr("message 2", err))
 	}
@@ -358,7 +358,7 @@ func isClosedByPeer(err error) bool {
 
 // readConfirm reads the first transport record, which must be CONFIRM.
 func readConfirm(r io.Reader, recv *halfState) error {
-	frame, err := readMessage(r)
+	frame, err := readMessage(r, confirmLen)
 	if err != nil {
 		return handshakeReadErr("confirm record", err) // wraps io.ErrUnexpectedEOF: isClosedByPeer sees it
 	}
@@ -378,21 +378,27 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 
 	// The magic and version first, so that a peer of another version, whose
 	// preamble may be shorter, gets a clear error rather than a timeout.
-	// (One read usually brings the whole preamble.)
-	rawPreamble := make([]byte, preambleLen)
-	n, err := io.ReadAtLeast(c.conn, rawPreamble, 5)
+	// One read usually brings the preamble and message 1, sent together; it
+	// asks for no more than the shortest message 1 can fill, so it never
+	// takes bytes past it.
+	first := make([]byte, preambleLen+frameHeader+handshakeMessageLen(X25519, 1))
+	n, err := io.ReadAtLeast(c.conn, first, 5)
 	if err != nil {
 		c.refusal = "no preamble"
 		return handshakeReadErr("preamble", err)
 	}
-	if err := checkPreambleHead(rawPreamble[:5]); err != nil {
+	if err := checkPreambleHead(first[:5]); err != nil {
 		c.refusal = "malformed preamble or other wire version"
 		return err
 	}
-	if _, err := io.ReadFull(c.conn, rawPreamble[n:]); err != nil {
-		c.refusal = "no preamble"
-		return handshakeReadErr("preamble", err)
+	if n < preambleLen {
+		if _, err := io.ReadFull(c.conn, first[n:preambleLen]); err != nil {
+			c.refusal = "no preamble"
+			return handshakeReadErr("preamble", err)
+		}
+		n = preambleLen
 	}
+	rawPreamble, early := first[:preambleLen], first[preambleLen:n]
 	if c.guard != nil {
 		c.guard.preambleReceived(c)
 	}
@@ -485,7 +491,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	}
 
 	// -> e, es, ss (KK) or -> e, es (XK)
-	msg1, err := readMessage(c.conn)
+	msg1, err := readMessage(io.MultiReader(bytes.NewReader(early), c.conn), handshakeMessageLen(own.Curve(), 1))
 	if err != nil {
 		return handshakeReadErr("message 1", err)
 	}
@@ -508,7 +514,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 
 	if pre.pattern == XK {
 		// -> s, se
-		msg3, err := readMessage(c.conn)
+		msg3, err := readMessage(c.conn, handshakeMessageLen(own.Curve(), 3))
 		if err != nil {
 			return handshakeReadErr("message 3", err)
 		}

@@ -32,14 +32,16 @@ type pairKeys struct {
 // Keeping ss is a decision, not an accident. Its DH is computed here anyway,
 // and a KK handshake with the same pair computes the same bytes again (two
 // of a handshake's ten scalar multiplications, or two of its four token
-// operations with a hardware key). What ss alone gives whoever reads it out
-// of memory is what the preamble key derived from it gives already: forging
-// preambles and message 1 (whose payload is empty), so as to make us do the
-// rest of a handshake that then fails. It yields no session, since es and se
-// each need a static private key, and no traffic, which also needs ee. It is
-// never written anywhere and never changes after it is derived (handshakes
-// read it without the lock); it goes with the pair when the peer leaves the
-// keyring.
+// operations with a hardware key). Whoever reads ss out of memory can forge
+// the pair's preambles, as the preamble key derived from it allows, and
+// also its message 1 (whose payload is empty): we then send message 2 and
+// wait for a confirm record that never comes, which holds a handshake open
+// no longer than a preamble with nothing after it, and is refused as a
+// replay would be. It yields no session, since es and se each need a static
+// private key, and no traffic, which also needs ee. It is never written
+// anywhere and never changes after it is derived (handshakes read it without
+// the lock, which is also why it is not wiped when the peer leaves the
+// keyring, as K never was).
 type pairSecrets struct {
 	peer         PublicKey
 	ss           []byte       // DH(our static key, peer): KK's ss token

@@ -467,7 +467,7 @@ func TestRelayMaliciousServer(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			msg1, err := readMessage(w)
+			msg1, err := readMessage(w, handshakeMessageLen(X25519, 1))
 			if err != nil {
 				t.Error(err)
 				return

@@ -27,26 +27,33 @@ const (
 	recordClose   = 3
 )
 
-// readMessage reads one length-prefixed message (handshake or transport frame)
-// into a new buffer. It is used only during the handshake; transport reads go
-// through the resumable reader in conn.go.
-func readMessage(r io.Reader) ([]byte, error) {
-	var hdr [frameHeader]byte
-	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return nil, err
+// handshakeMessageLen is the length of handshake message n (1 to 3) on
+// curve c: every one has a fixed length, since handshake payloads are empty
+// (WIRE.md §5). Messages 1 and 2 are e and the empty payload's tag; XK's
+// message 3 is s with its tag and the payload's tag.
+func handshakeMessageLen(c Curve, n int) int {
+	if n == 3 {
+		return c.publicKeyLen() + 2*aeadOverhead
 	}
-	n := int(binary.BigEndian.Uint16(hdr[:]))
-	if n == 0 {
-		return nil, fmt.Errorf("%w: empty message", ErrHandshake)
-	}
-	b := make([]byte, n)
+	return c.publicKeyLen() + aeadOverhead
+}
+
+// confirmLen is the length of the confirm record: its type byte and tag.
+const confirmLen = 1 + aeadOverhead
+
+// readMessage reads one length-prefixed handshake message, or the confirm
+// record, that must be want bytes long, with one read where it has arrived.
+// It never reads past the message. Transport reads go through the record
+// reader in conn.go.
+func readMessage(r io.Reader, want int) ([]byte, error) {
+	b := make([]byte, frameHeader+want)
 	if _, err := io.ReadFull(r, b); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
+		return nil, err // io.EOF if nothing came, io.ErrUnexpectedEOF if part
 	}
-	return b, nil
+	if n := int(binary.BigEndian.Uint16(b)); n != want {
+		return nil, fmt.Errorf("%w: a %d-byte message where one of %d bytes is due", ErrHandshake, n, want)
+	}
+	return b[frameHeader:], nil
 }
 
 // appendMessage appends msg with its length prefix.
