@@ -7,9 +7,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/net/nettest"
 )
@@ -173,6 +175,31 @@ func TestRekeyChangesKey(t *testing.T) {
 	k2 := cc.out.half.cs.UnsafeKey()
 	if k0 == k1 || k1 == k2 {
 		t.Fatal("sender did not rekey")
+	}
+}
+
+// After the handshake no connection keeps its ephemeral private key (or the
+// pair's ss): a rekey then gives forward secrecy for what went before it.
+// flynn/noise's CipherStates keep the cipher suite, and with it the dhFunc,
+// for the connection's life.
+func TestHandshakeForgetsEphemeralKey(t *testing.T) {
+	ps := newTestPeers(t, "a", "b")
+	for _, p := range []Pattern{KK, XK} {
+		ps["a"].cfg.Patterns, ps["b"].cfg.Patterns = []Pattern{p}, []Pattern{p}
+		cc, sc := handshakePair(t, ps["a"], ps["b"])
+		for _, c := range []*Conn{cc, sc} {
+			for _, h := range []*halfState{c.out.half, c.in.half} {
+				// CipherState.cs is the cipher suite, a struct whose first
+				// field is the DHFunc.
+				suite := reflect.ValueOf(h.cs).Elem().FieldByName("cs").Elem()
+				d := (*dhFunc)(unsafe.Pointer(suite.Field(0).Elem().Pointer()))
+				if d.eph != nil || d.ss != nil || d.static != nil {
+					t.Errorf("%v: a connection keeps its handshake's secrets (ephemeral key %v, ss %v)", p, d.eph != nil, d.ss != nil)
+				}
+			}
+		}
+		cc.Close()
+		sc.Close()
 	}
 }
 

@@ -39,6 +39,16 @@ type dhFunc struct {
 
 var staticRef = []byte{0}
 
+// forget drops the handshake's secrets when it ends. The CipherStates that
+// flynn/noise splits off keep the cipher suite, and with it this dhFunc, for
+// as long as the connection lives: without forget the ephemeral private key
+// would outlive every rekey, and whoever read the process's memory later
+// could compute the handshake's keys again and decrypt what was sent before
+// the rekey.
+func (d *dhFunc) forget() {
+	d.static, d.eph, d.remote, d.ss, d.gate = nil, nil, nil, nil, nil
+}
+
 // GenerateKeypair draws the scalar as GenerateKey does (the test vectors
 // depend on it) but skips NewPublicKey's low-order probe, a full scalar
 // multiplication: a public key computed from our own scalar is valid.
@@ -195,10 +205,11 @@ type handshakeParams struct {
 }
 
 // newHandshakeState builds the flynn/noise state for p: protocol name
-// Noise_<pattern>_<25519|P256>_<ChaChaPoly|AESGCM>_SHA256.
-func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
+// Noise_<pattern>_<25519|P256>_<ChaChaPoly|AESGCM>_SHA256. The caller calls
+// dh.forget when the handshake ends.
+func newHandshakeState(p handshakeParams) (hs *noise.HandshakeState, dh *dhFunc, err error) {
 	curve := p.static.PublicKey().Curve()
-	dh := &dhFunc{curve: curve, static: p.static, gate: p.gate}
+	dh = &dhFunc{curve: curve, static: p.static, gate: p.gate}
 	if p.ss != nil {
 		dh.remote, dh.ss = p.remoteStatic.Bytes(), p.ss
 	}
@@ -213,7 +224,8 @@ func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
 	if !p.remoteStatic.IsZero() {
 		cfg.PeerStatic = p.remoteStatic.Bytes()
 	}
-	return noise.NewHandshakeState(cfg)
+	hs, err = noise.NewHandshakeState(cfg)
+	return hs, dh, err
 }
 
 // handshakeDeadline bounds the handshake's I/O by ctx and the configured
@@ -261,7 +273,7 @@ func (c *Conn) clientHandshake() error {
 		rawPreamble = pre.sealXK(remote)
 	}
 
-	hs, err := newHandshakeState(handshakeParams{
+	hs, dh, err := newHandshakeState(handshakeParams{
 		initiator: true, pattern: pre.pattern, cipher: pre.cipher,
 		static: cfg.StaticKey, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
@@ -269,6 +281,7 @@ func (c *Conn) clientHandshake() error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
+	defer dh.forget()
 
 	// -> e, es, ss (KK) or -> e, es (XK). No payload: message 1 can be replayed.
 	msg1, _, _, err := hs.WriteMessage(nil, nil)
@@ -480,7 +493,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		c.refusal = "XK caller did not complete the handshake"
 	}
 
-	hs, err := newHandshakeState(handshakeParams{
+	hs, dh, err := newHandshakeState(handshakeParams{
 		pattern: pre.pattern, cipher: pre.cipher,
 		static: keys.static, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
@@ -489,6 +502,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
+	defer dh.forget()
 
 	// -> e, es, ss (KK) or -> e, es (XK)
 	msg1, err := readMessage(io.MultiReader(bytes.NewReader(early), c.conn), handshakeMessageLen(own.Curve(), 1))
