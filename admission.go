@@ -108,6 +108,7 @@ func (a *admission) remove(c *Conn) {
 func (a *admission) leave(c *Conn) {
 	if c.preambleTimer != nil {
 		c.preambleTimer.Stop()
+		c.preambleTimer = nil
 	}
 	a.remove(c)
 	if t := c.turn; t != nil {

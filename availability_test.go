@@ -78,7 +78,7 @@ func genuineFlight(t *testing.T, member *Config, server PublicKey, pattern Patte
 	} else {
 		raw = pre.sealXK(server)
 	}
-	hs, _, err := newHandshakeState(handshakeParams{initiator: true, pattern: pattern, cipher: ChaChaPoly,
+	hs, err := newHandshakeState(handshakeParams{initiator: true, pattern: pattern, cipher: ChaChaPoly,
 		static: member.StaticKey, remoteStatic: server, prologue: prologue(raw), random: rand.Reader})
 	if err != nil {
 		t.Fatal(err)

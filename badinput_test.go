@@ -154,7 +154,7 @@ func TestBadHandshakeMessageLength(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw := pre.sealKK(k.toPeer, time.Now())
-	hs, _, err := newHandshakeState(handshakeParams{initiator: true, pattern: KK, cipher: ChaChaPoly,
+	hs, err := newHandshakeState(handshakeParams{initiator: true, pattern: KK, cipher: ChaChaPoly,
 		static: ps["client"].key, remoteStatic: server, prologue: prologue(raw), random: rand.Reader})
 	if err != nil {
 		t.Fatal(err)

@@ -26,9 +26,9 @@ type Conn struct {
 	// Set before the handshake by HandshakeInitiate/Respond and the Listener.
 	ephemeral       *PrivateKey
 	remoteStatic    PublicKey
-	guard           *listener              // the Listener whose admission rules apply
-	cancelHandshake context.CancelFunc     // set with guard
-	dropReason      atomic.Pointer[string] // why the Listener closed it mid-handshake
+	guard           *listener                          // the Listener whose admission rules apply
+	cancelHandshake atomic.Pointer[context.CancelFunc] // set with guard, cleared when the handshake ends
+	dropReason      atomic.Pointer[string]             // why the Listener closed it mid-handshake
 
 	// The Listener's admission state (admission.go), under its mutex.
 	source          string

@@ -39,16 +39,6 @@ type dhFunc struct {
 
 var staticRef = []byte{0}
 
-// forget drops the handshake's secrets when it ends. The CipherStates that
-// flynn/noise splits off keep the cipher suite, and with it this dhFunc, for
-// as long as the connection lives: without forget the ephemeral private key
-// would outlive every rekey, and whoever read the process's memory later
-// could compute the handshake's keys again and decrypt what was sent before
-// the rekey.
-func (d *dhFunc) forget() {
-	d.static, d.eph, d.remote, d.ss, d.gate = nil, nil, nil, nil, nil
-}
-
 // GenerateKeypair draws the scalar as GenerateKey does (the test vectors
 // depend on it) but skips NewPublicKey's low-order probe, a full scalar
 // multiplication: a public key computed from our own scalar is valid.
@@ -205,11 +195,10 @@ type handshakeParams struct {
 }
 
 // newHandshakeState builds the flynn/noise state for p: protocol name
-// Noise_<pattern>_<25519|P256>_<ChaChaPoly|AESGCM>_SHA256. The caller calls
-// dh.forget when the handshake ends.
-func newHandshakeState(p handshakeParams) (hs *noise.HandshakeState, dh *dhFunc, err error) {
+// Noise_<pattern>_<25519|P256>_<ChaChaPoly|AESGCM>_SHA256.
+func newHandshakeState(p handshakeParams) (*noise.HandshakeState, error) {
 	curve := p.static.PublicKey().Curve()
-	dh = &dhFunc{curve: curve, static: p.static, gate: p.gate}
+	dh := &dhFunc{curve: curve, static: p.static, gate: p.gate}
 	if p.ss != nil {
 		dh.remote, dh.ss = p.remoteStatic.Bytes(), p.ss
 	}
@@ -224,8 +213,7 @@ func newHandshakeState(p handshakeParams) (hs *noise.HandshakeState, dh *dhFunc,
 	if !p.remoteStatic.IsZero() {
 		cfg.PeerStatic = p.remoteStatic.Bytes()
 	}
-	hs, err = noise.NewHandshakeState(cfg)
-	return hs, dh, err
+	return noise.NewHandshakeState(cfg)
 }
 
 // handshakeDeadline bounds the handshake's I/O by ctx and the configured
@@ -273,7 +261,7 @@ func (c *Conn) clientHandshake() error {
 		rawPreamble = pre.sealXK(remote)
 	}
 
-	hs, dh, err := newHandshakeState(handshakeParams{
+	hs, err := newHandshakeState(handshakeParams{
 		initiator: true, pattern: pre.pattern, cipher: pre.cipher,
 		static: cfg.StaticKey, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
@@ -281,7 +269,6 @@ func (c *Conn) clientHandshake() error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
-	defer dh.forget()
 
 	// -> e, es, ss (KK) or -> e, es (XK). No payload: message 1 can be replayed.
 	msg1, _, _, err := hs.WriteMessage(nil, nil)
@@ -322,7 +309,7 @@ func (c *Conn) clientHandshake() error {
 
 	// The confirm record proves to the responder that we hold the ephemeral
 	// key, so a replayed message 1 never yields a session (WIRE.md §6.2).
-	send, recv := newHalfState(cs1), newHalfState(cs2)
+	send, recv := newHalfState(pre.cipher, cs1.UnsafeKey(), cs1.Nonce()), newHalfState(pre.cipher, cs2.UnsafeKey(), cs2.Nonce())
 	out = send.seal(out, recordConfirm, nil)
 	if _, err := c.conn.Write(out); err != nil {
 		return c.refusedErr("its confirm record", err, fmt.Errorf("noisetor: sending confirm record: %w", err))
@@ -493,7 +480,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		c.refusal = "XK caller did not complete the handshake"
 	}
 
-	hs, dh, err := newHandshakeState(handshakeParams{
+	hs, err := newHandshakeState(handshakeParams{
 		pattern: pre.pattern, cipher: pre.cipher,
 		static: keys.static, remoteStatic: remote, ss: ss,
 		prologue: prologue(rawPreamble), random: c.ephemeralSource(),
@@ -502,7 +489,6 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrHandshake, err)
 	}
-	defer dh.forget()
 
 	// -> e, es, ss (KK) or -> e, es (XK)
 	msg1, err := readMessage(io.MultiReader(bytes.NewReader(early), c.conn), handshakeMessageLen(own.Curve(), 1))
@@ -559,7 +545,7 @@ func (c *Conn) serverHandshake(ctx context.Context) error {
 		return fmt.Errorf("%w: handshake did not complete", ErrHandshake)
 	}
 	c.state.HandshakeHash = hs.ChannelBinding()
-	send, recv := newHalfState(cs2), newHalfState(cs1)
+	send, recv := newHalfState(pre.cipher, cs2.UnsafeKey(), cs2.Nonce()), newHalfState(pre.cipher, cs1.UnsafeKey(), cs1.Nonce())
 
 	// The first transport record must be the initiator's confirm: until it
 	// arrives the caller may be replaying a captured message 1.
@@ -611,8 +597,8 @@ func (c *Conn) dhGate(ctx context.Context) func() (func(), error) {
 // for its log line.
 func (c *Conn) drop(reason string) {
 	c.dropReason.CompareAndSwap(nil, &reason)
-	if c.cancelHandshake != nil {
-		c.cancelHandshake()
+	if cancel := c.cancelHandshake.Load(); cancel != nil {
+		(*cancel)()
 	}
 	c.conn.Close()
 }

@@ -124,7 +124,7 @@ func (l *listener) acceptLoop() {
 		c := Server(raw, l.cfg)
 		c.guard = l
 		ctx, cancel := context.WithCancel(l.ctx)
-		c.cancelHandshake = cancel
+		c.cancelHandshake.Store(&cancel)
 		l.mu.Lock()
 		if l.closed {
 			l.mu.Unlock()
@@ -141,7 +141,12 @@ func (l *listener) acceptLoop() {
 
 func (l *listener) handshake(ctx context.Context, c *Conn) {
 	defer l.wg.Done()
-	defer c.cancelHandshake()
+	defer func() {
+		// An established connection keeps neither its handshake's context
+		// nor (admission.leave) its preamble timer: 10,000 connections
+		// would hold megabytes of them.
+		(*c.cancelHandshake.Swap(nil))()
+	}()
 	err := c.HandshakeContext(ctx)
 	if err == nil {
 		err = l.queue(ctx, c)

@@ -61,9 +61,14 @@ var patternTable = [...]struct {
 var cipherTable = [...]struct {
 	name  string // the Noise name
 	noise noise.CipherFunc
+	// transport is the cipher suite of every connection's transport
+	// CipherStates, which use only its cipher (for Rekey): shared, so that
+	// no connection keeps its handshake's suite, whose DH function held the
+	// handshake's keys.
+	transport noise.CipherSuite
 }{
-	ChaChaPoly: {"ChaChaPoly", noise.CipherChaChaPoly},
-	AESGCM:     {"AESGCM", noise.CipherAESGCM},
+	ChaChaPoly: {"ChaChaPoly", noise.CipherChaChaPoly, noise.NewCipherSuite(noise.DH25519, noise.CipherChaChaPoly, noise.HashSHA256)},
+	AESGCM:     {"AESGCM", noise.CipherAESGCM, noise.NewCipherSuite(noise.DH25519, noise.CipherAESGCM, noise.HashSHA256)},
 }
 
 var curveTable = [...]struct {

@@ -29,8 +29,12 @@ type halfState struct {
 	rekeyedAt time.Time
 }
 
-func newHalfState(cs *noise.CipherState) *halfState {
-	h := &halfState{cs: cs, n: cs.Nonce(), rekeyedAt: time.Now()}
+// newHalfState returns the state of one direction with cipher suite, key k
+// and next nonce n: a CipherState of its own, on the suite's shared
+// transport cipher suite, never the one Split returns (see cipherTable).
+func newHalfState(suite CipherSuite, k [32]byte, n uint64) *halfState {
+	cs := noise.UnsafeNewCipherState(cipherTable[suite].transport, k, n)
+	h := &halfState{cs: cs, n: n, rekeyedAt: time.Now()}
 	h.setCipher()
 	return h
 }

@@ -458,7 +458,7 @@ func TestRelayMaliciousServer(t *testing.T) {
 				r.gateErr = ErrUnknownPeer
 			}
 			// Pushing on regardless: answer message 1 with our own key.
-			hs, _, err := newHandshakeState(handshakeParams{
+			hs, err := newHandshakeState(handshakeParams{
 				pattern: pre.pattern, cipher: pre.cipher,
 				static: n.peers["sync"].key, remoteStatic: n.peers["wallet"].key.PublicKey(),
 				prologue: prologue(raw), random: rand.Reader,

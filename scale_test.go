@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,6 +27,9 @@ import (
 // lot of file descriptors, so it runs only when asked for:
 //
 //	NOISETOR_SCALE=1 go test -run '^TestScale$' -v .
+//
+// NOISETOR_SCALE_HEAP=file also writes the listening process's heap profile
+// with the connections established.
 //
 // The dialing side runs in a child process (this test binary again, as
 // TestScaleClient) so that the RSS measured is the listener's alone. Each
@@ -50,21 +54,28 @@ func TestScale(t *testing.T) {
 	}
 	raiseFileLimit(t, n+1000)
 
+	// Several clients, as a watchtower serves many wallets: one peer may make
+	// no more than peerReplayCacheSize handshakes within its salts' 10 to 20
+	// minutes (preamble.go), and 10,000 from one would pass that.
 	dir := t.TempDir()
 	serverKey := mustKey(t)
-	clientKey := mustKey(t)
-	kr, err := NewKeyring(
-		Peer{Name: "server", PublicKey: serverKey.PublicKey()},
-		Peer{Name: "client", PublicKey: clientKey.PublicKey()},
-	)
+	peers := []Peer{{Name: "server", PublicKey: serverKey.PublicKey()}}
+	var clientKeyPaths []string
+	for i := range (n + peerReplayCacheSize/2 - 1) / (peerReplayCacheSize / 2) {
+		k := mustKey(t)
+		peers = append(peers, Peer{Name: fmt.Sprintf("client-%d", i), PublicKey: k.PublicKey()})
+		path := filepath.Join(dir, fmt.Sprintf("client-%d.key", i))
+		if err := SavePrivateKey(path, k); err != nil {
+			t.Fatal(err)
+		}
+		clientKeyPaths = append(clientKeyPaths, path)
+	}
+	kr, err := NewKeyring(peers...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyringPath, clientKeyPath := filepath.Join(dir, "keyring"), filepath.Join(dir, "client.key")
+	keyringPath := filepath.Join(dir, "keyring")
 	if err := kr.Save(keyringPath); err != nil {
-		t.Fatal(err)
-	}
-	if err := SavePrivateKey(clientKeyPath, clientKey); err != nil {
 		t.Fatal(err)
 	}
 
@@ -111,7 +122,7 @@ func TestScale(t *testing.T) {
 	child.Env = append(os.Environ(),
 		"NOISETOR_SCALE_CLIENT="+ln.Addr().String(),
 		"NOISETOR_SCALE_CONNS="+strconv.Itoa(n),
-		"NOISETOR_SCALE_KEY="+clientKeyPath,
+		"NOISETOR_SCALE_KEYS="+strings.Join(clientKeyPaths, string(os.PathListSeparator)),
 		"NOISETOR_SCALE_KEYRING="+keyringPath,
 	)
 	child.Stderr = os.Stderr
@@ -159,6 +170,9 @@ func TestScale(t *testing.T) {
 	runtime.ReadMemStats(&ms)
 	rss := vmRSS(t)
 	goroutines := runtime.NumGoroutine()
+	if path := os.Getenv("NOISETOR_SCALE_HEAP"); path != "" {
+		writeHeapProfile(t, path)
+	}
 
 	t.Logf("%d connections established in %v (%.0f handshakes/s)", n, established.Round(time.Millisecond), float64(n)/established.Seconds())
 	t.Logf("listening process: VmRSS %.1f MiB (%.1f MiB before the connections, %.0f B per connection); Go heap %.1f MiB live, goroutine stacks %.1f MiB, %d goroutines",
@@ -190,8 +204,9 @@ func TestScale(t *testing.T) {
 }
 
 // TestScaleClient is the dialing side of TestScale, run in a child process.
-// It dials NOISETOR_SCALE_CONNS connections, parks a Read on each, prints its
-// RSS, and closes them all when its stdin closes.
+// It dials NOISETOR_SCALE_CONNS connections, in turn with each key of
+// NOISETOR_SCALE_KEYS, parks a Read on each, prints its RSS, and closes them
+// all when its stdin closes.
 func TestScaleClient(t *testing.T) {
 	addr := os.Getenv("NOISETOR_SCALE_CLIENT")
 	if addr == "" {
@@ -202,32 +217,35 @@ func TestScaleClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	raiseFileLimit(t, n+1000)
-	key, err := LoadPrivateKey(os.Getenv("NOISETOR_SCALE_KEY"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	kr, err := LoadKeyring(os.Getenv("NOISETOR_SCALE_KEYRING"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &Dialer{Config: &Config{StaticKey: key, Keyring: kr, Logger: slog.New(slog.DiscardHandler)}, Peer: "server"}
+	var dialers []*Dialer
+	for _, path := range filepath.SplitList(os.Getenv("NOISETOR_SCALE_KEYS")) {
+		key, err := LoadPrivateKey(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dialers = append(dialers, &Dialer{Config: &Config{StaticKey: key, Keyring: kr, Logger: slog.New(slog.DiscardHandler)}, Peer: "server"})
+	}
 
 	conns := make([]net.Conn, n)
 	var readers sync.WaitGroup
 	var failures atomic.Int64
 	next := atomic.Int64{}
-	var dialers sync.WaitGroup
+	var dialing sync.WaitGroup
 	for range 32 {
-		dialers.Add(1)
+		dialing.Add(1)
 		go func() {
-			defer dialers.Done()
+			defer dialing.Done()
 			for {
 				i := int(next.Add(1)) - 1
 				if i >= n {
 					return
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-				c, err := d.DialContext(ctx, "tcp", addr)
+				c, err := dialers[i%len(dialers)].DialContext(ctx, "tcp", addr)
 				cancel()
 				if err != nil {
 					if failures.Add(1) <= 5 {
@@ -245,7 +263,7 @@ func TestScaleClient(t *testing.T) {
 			}
 		}()
 	}
-	dialers.Wait()
+	dialing.Wait()
 	if f := failures.Load(); f > 0 {
 		t.Fatalf("%d of %d dials failed", f, n)
 	}
@@ -261,6 +279,19 @@ func TestScaleClient(t *testing.T) {
 		c.Close()
 	}
 	readers.Wait()
+}
+
+// writeHeapProfile writes the live heap's profile to path, for
+// `go tool pprof -sample_index=inuse_space`.
+func writeHeapProfile(t *testing.T, path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // raiseFileLimit makes sure this process may hold need file descriptors.

@@ -121,7 +121,7 @@ func runVector(t *testing.T, v cacophonyVector, viaParams bool) {
 		p := handshakeParams{initiator: initiator, pattern: pattern, cipher: cipher, static: sk,
 			remoteStatic: rs, prologue: prol, random: bytes.NewReader(eph)}
 		if viaParams {
-			hs, _, err := newHandshakeState(p)
+			hs, err := newHandshakeState(p)
 			if err != nil {
 				t.Fatal(err)
 			}
