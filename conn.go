@@ -249,6 +249,7 @@ func (c *Conn) HandshakeContext(ctx context.Context) error {
 			err = c.serverHandshake(ctx)
 		}
 		stop()
+		c.ephemeral = nil // a connection keeps nothing of its handshake (see cipherTable.transport)
 		if err != nil {
 			cerr := ctx.Err()
 			if cerr == nil && ctxBound && isTimeout(err) {

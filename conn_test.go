@@ -178,7 +178,8 @@ func TestRekeyChangesKey(t *testing.T) {
 }
 
 // After the handshake no connection keeps its handshake's DH function,
-// which holds the ephemeral private key (and the pair's ss): a rekey then
+// which holds the ephemeral private key (and the pair's ss), nor an
+// ephemeral key given to HandshakeInitiate or HandshakeRespond: a rekey then
 // gives forward secrecy for what went before it. flynn/noise's CipherStates
 // keep their cipher suite, so the transport's must not be Split's.
 func TestConnKeepsNoHandshakeKeys(t *testing.T) {
@@ -186,7 +187,27 @@ func TestConnKeepsNoHandshakeKeys(t *testing.T) {
 	for _, p := range []Pattern{KK, XK} {
 		ps["a"].cfg.Patterns, ps["b"].cfg.Patterns = []Pattern{p}, []Pattern{p}
 		cc, sc := handshakePair(t, ps["a"], ps["b"])
-		for _, c := range []*Conn{cc, sc} {
+		a, b := tcpPair(t)
+		responded := make(chan *Conn, 1)
+		go func() {
+			c, err := HandshakeRespond(context.Background(), b, ps["b"].cfg, mustKey(t), PublicKey{})
+			if err != nil {
+				t.Error(err)
+			}
+			responded <- c
+		}()
+		ic, err := HandshakeInitiate(context.Background(), a, ps["a"].cfg, mustKey(t), ps["b"].key.PublicKey())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc := <-responded
+		if rc == nil {
+			t.FailNow()
+		}
+		for _, c := range []*Conn{cc, sc, ic, rc} {
+			if c.ephemeral != nil {
+				t.Errorf("%v: a connection keeps the ephemeral key it was given", p)
+			}
 			for _, h := range []*halfState{c.out.half, c.in.half} {
 				// CipherState.cs is the cipher suite, a struct whose first
 				// field is the DHFunc.
@@ -195,9 +216,8 @@ func TestConnKeepsNoHandshakeKeys(t *testing.T) {
 					t.Errorf("%v: a connection keeps its handshake's DH function", p)
 				}
 			}
+			c.Close()
 		}
-		cc.Close()
-		sc.Close()
 	}
 }
 
