@@ -594,13 +594,14 @@ func (c *Conn) dhGate(ctx context.Context) func() (func(), error) {
 }
 
 // drop closes a connection whose handshake is still running, recording why
-// for its log line.
+// for its log line. The Listener calls it with its mutex held: cut, not
+// Close, so that a relayed stream does not linger.
 func (c *Conn) drop(reason string) {
 	c.dropReason.CompareAndSwap(nil, &reason)
 	if cancel := c.cancelHandshake.Load(); cancel != nil {
 		(*cancel)()
 	}
-	c.conn.Close()
+	c.cut()
 }
 
 // ephemeralSource yields the explicit ephemeral key of HandshakeInitiate or

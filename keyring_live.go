@@ -289,14 +289,20 @@ func (l *liveConns) keyringChanged(change KeyringChange) {
 }
 
 // revoke ends c because its peer left the keyring: the underlying
-// connection is closed at once, and c is marked closed and broken first so
+// connection is cut at once, and c is marked closed and broken first so
 // that nothing more is sent on it, a close record least of all (the peer
 // reads a truncation, not a clean end); our side's Read and Write fail.
-// A relayed stream is cut without its linger: the outer connection may stay
-// writable while lingering, and revoking must not wait.
 func (c *Conn) revoke() {
 	c.in.broken.Store(true)
 	c.activeCall.Or(1) // as Close: Writes and Close now return net.ErrClosed
+	c.cut()
+}
+
+// cut closes the underlying connection at once. A relayed stream is cut
+// without its linger (relayStream.Close): the outer connection may stay
+// writable while lingering, and neither revoking nor the Listener, which
+// drops connections with its mutex held, may wait relayLinger.
+func (c *Conn) cut() {
 	if s, ok := c.conn.(*relayStream); ok {
 		s.setupDone()
 		s.Conn.revoke() // no close record: it could wait closeRecordTimeout

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -135,4 +136,45 @@ func TestListenerSurvivesAcceptErrors(t *testing.T) {
 	}
 	c.Close()
 	mustContain(t, ps["server"].logs.String(), "accept failed; retrying", "too many open files")
+}
+
+// A relayed stream dropped mid-handshake is cut at once, without
+// relayStream.Close's linger (a read of up to relayLinger): the Listener
+// drops connections with its mutex held, and each linger would hold every
+// other handshake up.
+func TestDropCutsRelayedStreamWithoutLinger(t *testing.T) {
+	ps := newTestPeers(t, "wallet", "sync")
+	a, b := tcpPair(t)
+	reads := &readCounter{Conn: a}
+	outer := Client(reads, ps["wallet"].cfg, "sync")
+	far := Server(b, ps["sync"].cfg)
+	errc := make(chan error, 1)
+	go func() { errc <- far.Handshake() }()
+	if err := outer.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	inner := Server(&relayStream{Conn: outer}, ps["wallet"].cfg)
+	before := reads.n.Load()
+	inner.drop("test")
+	if n := reads.n.Load() - before; n != 0 {
+		t.Errorf("drop read the outer connection %d times (a linger) before cutting it", n)
+	}
+	if _, err := outer.Write([]byte("x")); err == nil {
+		t.Error("the outer connection is still open after drop")
+	}
+}
+
+// readCounter counts the Read calls on a connection.
+type readCounter struct {
+	net.Conn
+	n atomic.Int64
+}
+
+func (r *readCounter) Read(b []byte) (int, error) {
+	r.n.Add(1)
+	return r.Conn.Read(b)
 }
