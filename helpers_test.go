@@ -94,6 +94,13 @@ func tcpPair(t testing.TB) (client, server net.Conn) {
 func handshakePair(t testing.TB, client, server *testPeer) (*Conn, *Conn) {
 	t.Helper()
 	a, b := tcpPair(t)
+	return handshakeOver(t, a, b, client, server)
+}
+
+// handshakeOver runs the handshake of client over a and server over b, the
+// two ends of one connection.
+func handshakeOver(t testing.TB, a, b net.Conn, client, server *testPeer) (*Conn, *Conn) {
+	t.Helper()
 	cc := Client(a, client.cfg, server.name)
 	sc := Server(b, server.cfg)
 	errc := make(chan error, 1)

@@ -146,16 +146,7 @@ func TestDropCutsRelayedStreamWithoutLinger(t *testing.T) {
 	ps := newTestPeers(t, "wallet", "sync")
 	a, b := tcpPair(t)
 	reads := &readCounter{Conn: a}
-	outer := Client(reads, ps["wallet"].cfg, "sync")
-	far := Server(b, ps["sync"].cfg)
-	errc := make(chan error, 1)
-	go func() { errc <- far.Handshake() }()
-	if err := outer.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatal(err)
-	}
+	outer, far := handshakeOver(t, reads, b, ps["wallet"], ps["sync"])
 	defer far.Close()
 	inner := Server(&relayStream{Conn: outer}, ps["wallet"].cfg)
 	before := reads.n.Load()
