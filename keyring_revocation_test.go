@@ -43,15 +43,8 @@ func TestKeyRotationStartedAfterSession(t *testing.T) {
 	plain, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey()})
 	s.walletCfg.Keyring.Update(plain)
 	walletSide := echoServer(t, s.walletCfg)
-	oldConn, err := roundTrip(s.tower(false), "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oldConn.Close()
-	until := time.Now().Add(2 * time.Second).Truncate(time.Second)
-	rot, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey(), NextKey: s.next.PublicKey(), OverlapUntil: until})
-	s.walletCfg.Keyring.Update(rot)
-	time.Sleep(time.Until(until) + 2*time.Second)
+	oldConn := session(t, s.tower(false), walletSide)
+	until := s.endOverlapSoon()
 	if c, err := roundTrip(s.tower(false), "wallet", walletSide, KK); err == nil {
 		c.Close()
 		t.Error("old key opens a new session")
@@ -77,15 +70,8 @@ func expectSessionEnded(t *testing.T, c net.Conn, what string, end time.Time) {
 func TestKeyRotationShortened(t *testing.T) {
 	s := newRotationSetup(t, time.Now().Add(time.Hour), nil)
 	walletSide := echoServer(t, s.walletCfg)
-	oldConn, err := roundTrip(s.tower(false), "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oldConn.Close()
-	until := time.Now().Add(2 * time.Second).Truncate(time.Second)
-	rot, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey(), NextKey: s.next.PublicKey(), OverlapUntil: until})
-	s.walletCfg.Keyring.Update(rot)
-	time.Sleep(time.Until(until) + 2*time.Second)
+	oldConn := session(t, s.tower(false), walletSide)
+	until := s.endOverlapSoon()
 	expectSessionEnded(t, oldConn, "old-key session, its overlap shortened,", until)
 }
 

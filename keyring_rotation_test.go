@@ -65,6 +65,28 @@ func echoServer(t *testing.T, cfg *Config) string {
 	return ln.Addr().String()
 }
 
+// session opens a KK session from the tower (cfg) to the wallet's echo
+// server at addr, checked by a round trip, closed when the test ends.
+func session(t *testing.T, cfg *Config, addr string) *Conn {
+	t.Helper()
+	c, err := roundTrip(cfg, "wallet", addr, KK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// endOverlapSoon gives the wallet's entry for the tower a rotation whose
+// overlap ends within 2 s, waits until 2 s after that end, and returns it.
+func (s *rotationSetup) endOverlapSoon() time.Time {
+	until := time.Now().Add(2 * time.Second).Truncate(time.Second) // keyrings keep whole seconds
+	rot, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.old.PublicKey(), NextKey: s.next.PublicKey(), OverlapUntil: until})
+	s.walletCfg.Keyring.Update(rot)
+	time.Sleep(time.Until(until) + 2*time.Second)
+	return until
+}
+
 // roundTrip dials addr as cfg's peer name, sends a line and reads it back.
 func roundTrip(cfg *Config, peer, addr string, pattern Pattern) (*Conn, error) {
 	cfg = cfg.Clone()
@@ -162,19 +184,11 @@ func TestKeyRotationEndsOldSessions(t *testing.T) {
 	towerOld, towerNew := s.tower(false), s.tower(true)
 	walletSide := echoServer(t, s.walletCfg)
 
-	oldConn, err := roundTrip(towerOld, "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oldConn.Close()
-	newConn, err := roundTrip(towerNew, "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer newConn.Close()
+	oldConn := session(t, towerOld, walletSide)
+	newConn := session(t, towerNew, walletSide)
 
 	oldConn.SetReadDeadline(time.Now().Add(10 * time.Second))
-	_, err = oldConn.Read(make([]byte, 1))
+	_, err := oldConn.Read(make([]byte, 1))
 	ended := time.Now()
 	if err == nil || errors.Is(err, io.EOF) {
 		t.Fatalf("the old-key session ended with %v, want a cut (no clean close)", err)
@@ -242,16 +256,8 @@ func TestKeyringRotationSyntax(t *testing.T) {
 func TestKeyRotationFinishedByUpdate(t *testing.T) {
 	s := newRotationSetup(t, time.Now().Add(time.Hour), nil)
 	walletSide := echoServer(t, s.walletCfg)
-	oldConn, err := roundTrip(s.tower(false), "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oldConn.Close()
-	newConn, err := roundTrip(s.tower(true), "wallet", walletSide, KK)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer newConn.Close()
+	oldConn := session(t, s.tower(false), walletSide)
+	newConn := session(t, s.tower(true), walletSide)
 
 	done, _ := NewKeyring(Peer{Name: "tower", PublicKey: s.next.PublicKey()})
 	start := time.Now()

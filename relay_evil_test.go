@@ -394,6 +394,12 @@ func TestRelayMaliciousServer(t *testing.T) {
 				c.Close()
 			}
 			t.Logf("wallet: dial %v; read %v", dialErr, readErr)
+			expectTowerRefused := func() {
+				relayWaitFor(t, "the watchtower's failed handshake", func() bool { return n.innerFailures("tower") == 1 })
+				if a := n.accepted["tower"].Load(); a != 0 {
+					t.Errorf("the watchtower accepted %d connections", a)
+				}
+			}
 			switch tc.want {
 			case "tower-refuses", "tower-refuses-late":
 				if (dialErr == nil) != (tc.want == "tower-refuses-late") {
@@ -402,10 +408,7 @@ func TestRelayMaliciousServer(t *testing.T) {
 				if dialErr == nil && readErr == nil {
 					t.Error("wallet read succeeded")
 				}
-				relayWaitFor(t, "the watchtower's failed handshake", func() bool { return n.innerFailures("tower") == 1 })
-				if a := n.accepted["tower"].Load(); a != 0 {
-					t.Errorf("the watchtower accepted %d connections", a)
-				}
+				expectTowerRefused()
 			case "tower-read-fails":
 				if dialErr != nil {
 					t.Fatalf("dial: %v", dialErr)
@@ -420,10 +423,7 @@ func TestRelayMaliciousServer(t *testing.T) {
 				if !errors.Is(dialErr, ErrHandshake) {
 					t.Errorf("wallet dial: %v, want ErrHandshake", dialErr)
 				}
-				relayWaitFor(t, "the watchtower's failed handshake", func() bool { return n.innerFailures("tower") == 1 })
-				if a := n.accepted["tower"].Load(); a != 0 {
-					t.Errorf("the watchtower accepted %d connections", a)
-				}
+				expectTowerRefused()
 			case "wallet-read-fails":
 				if dialErr != nil {
 					t.Fatalf("dial: %v", dialErr)
