@@ -283,7 +283,9 @@ func TestKeyRotationFinishedByUpdate(t *testing.T) {
 
 // Through the sync server: a watchtower that has moved to its next key is
 // registered and reached during the overlap (the wallet still addresses its
-// old key) and after it (the next key).
+// old key), after it (the next key), and once the keyrings finish the
+// rotation while it stays registered (found by the demo: the sync server
+// kept registrations by the entry's key, and lost this one).
 func TestKeyRotationThroughRelay(t *testing.T) {
 	until := time.Now().Add(24 * time.Hour).Truncate(time.Second)
 	clock := newRotationClock(until.Add(-time.Hour))
@@ -298,12 +300,24 @@ func TestKeyRotationThroughRelay(t *testing.T) {
 	n := &relayTestNet{peers: peers}
 	n.startServer(t, "127.0.0.1:0", relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}})
 	n.tower(t, "tower", relayEcho)
+	// The last phase finishes the rotation in the sync server's and the
+	// wallet's keyrings (keyring rotate --finish) while the tower stays
+	// registered from before: the sync server must still find its
+	// registration, made when the entry's key was the old one.
 	for _, phase := range []struct {
-		name string
-		at   time.Time
-		key  PublicKey
-	}{{"during the overlap", until.Add(-time.Hour), tower.key.PublicKey()}, {"after the overlap", until.Add(time.Hour), next.PublicKey()}} {
+		name   string
+		at     time.Time
+		key    PublicKey
+		finish bool
+	}{
+		{"during the overlap", until.Add(-time.Hour), tower.key.PublicKey(), false},
+		{"after the overlap", until.Add(time.Hour), next.PublicKey(), false},
+		{"after the rotation is finished", until.Add(time.Hour), next.PublicKey(), true},
+	} {
 		clock.set(phase.at)
+		if phase.finish {
+			listRotation(t, Peer{Name: "tower", PublicKey: next.PublicKey()}, peers["sync"].cfg, peers["wallet"].cfg)
+		}
 		c, err := n.client("wallet").Dial(relayCtx(t), "tower")
 		if err != nil {
 			t.Fatalf("%s: Dial: %v", phase.name, err)

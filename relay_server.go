@@ -67,12 +67,16 @@ type RelayServer struct {
 	// connection. Default: 10s.
 	RequestTimeout time.Duration
 
-	mu         sync.Mutex
-	done       chan struct{}
-	closed     bool
-	listeners  map[net.Listener]struct{}
-	conns      map[*Conn]struct{}
-	registered map[PublicKey]*relayRegistration
+	mu        sync.Mutex
+	done      chan struct{}
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[*Conn]struct{}
+	// registered is by keyring name, not key: a peer rotating its key
+	// registers while its entry still has the old key first, and must
+	// stay reachable once the rotation is finished (keyring rotate
+	// --finish makes the next key the entry's key).
+	registered map[string]*relayRegistration
 	pending    map[string]*relayPending
 	sessions   int
 	perPeer    map[PublicKey]int // sessions by requester
@@ -85,6 +89,7 @@ type RelayServer struct {
 // relayRegistration is one registered peer's control connection.
 type relayRegistration struct {
 	peer Peer
+	key  PublicKey // the key its handshake proved: peer.PublicKey, or its next key
 	conn *Conn
 	mu   sync.Mutex // serialises writes
 	once sync.Once
@@ -107,7 +112,7 @@ func (r *relayRegistration) kill() {
 
 // relayPending is a request waiting for the target's ACCEPT connection.
 type relayPending struct {
-	to PublicKey
+	to string     // the target's keyring name: only it may ACCEPT
 	ch chan *Conn // buffered: the ACCEPT side never blocks
 }
 
@@ -117,7 +122,7 @@ func (s *RelayServer) initLocked() {
 		s.done = make(chan struct{})
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*Conn]struct{})
-		s.registered = make(map[PublicKey]*relayRegistration)
+		s.registered = make(map[string]*relayRegistration)
 		s.pending = make(map[string]*relayPending)
 	}
 }
@@ -319,10 +324,10 @@ func (s *RelayServer) handle(c net.Conn) {
 }
 
 func (s *RelayServer) register(c *Conn, from Peer, start time.Time) {
-	reg := &relayRegistration{peer: from, conn: c, done: make(chan struct{})}
+	reg := &relayRegistration{peer: from, key: c.ConnectionState().PeerKey, conn: c, done: make(chan struct{})}
 	s.mu.Lock()
-	old := s.registered[from.PublicKey]
-	s.registered[from.PublicKey] = reg
+	old := s.registered[from.Name]
+	s.registered[from.Name] = reg
 	s.mu.Unlock()
 	if old != nil {
 		// The newest registration wins: after a silent network failure the
@@ -346,8 +351,8 @@ func (s *RelayServer) register(c *Conn, from Peer, start time.Time) {
 
 func (s *RelayServer) unregister(reg *relayRegistration, reason string, start time.Time) {
 	s.mu.Lock()
-	if s.registered[reg.peer.PublicKey] == reg {
-		delete(s.registered, reg.peer.PublicKey)
+	if s.registered[reg.peer.Name] == reg {
+		delete(s.registered, reg.peer.Name)
 	}
 	s.mu.Unlock()
 	reg.kill()
@@ -465,10 +470,13 @@ func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.
 	}
 	s.sessions++
 	s.perPeer[from.PublicKey]++
-	rs := &relaySession{c: c, from: from, to: to, start: start, reg: s.registered[to.PublicKey]}
-	if rs.reg != nil {
+	rs := &relaySession{c: c, from: from, to: to, start: start}
+	// A registration made with a key the entry no longer accepts is being
+	// revoked (liveConns): it is not the target's.
+	if reg := s.registered[to.Name]; reg != nil && to.accepts(reg.key, s.Config.now()) {
+		rs.reg = reg
 		rs.token = newRelayToken()
-		rs.pending = &relayPending{to: to.PublicKey, ch: make(chan *Conn, 1)}
+		rs.pending = &relayPending{to: to.Name, ch: make(chan *Conn, 1)}
 		s.pending[rs.token] = rs.pending
 	}
 	s.mu.Unlock()
@@ -573,7 +581,7 @@ func (s *RelayServer) accept(c *Conn, from Peer, token string, start time.Time) 
 	}
 	s.mu.Lock()
 	p := s.pending[token]
-	if p == nil || p.to != from.PublicKey {
+	if p == nil || p.to != from.Name {
 		s.mu.Unlock()
 		// A token presented by another peer than the one it went to is left
 		// in place for its rightful owner.
