@@ -53,10 +53,14 @@ Demo shows noisetor at work in a small custody system, all on 127.0.0.1:
     ciphertext;
  6. an outsider refused, first by Tor (no client authorization), then, with
     a stolen client-authorization key, by the co-signer's handshake;
+ 7. the watchtower's key rotated with no flag day: the wallet's and the sync
+    server's keyrings list both keys for an overlap, the watchtower restarts
+    answering to both, and once the rotation is finished only the new key
+    works;
 
 and then the log of every connection attempt, from every role's log. It
 needs tor, tor-gencert and softhsm2 (scripts/install-deps.sh installs them),
-takes about a minute, and removes every process and file it made unless
+takes about 20 seconds, and removes every process and file it made unless
 --keep is given. Exit status 0 when every step worked.`,
 	flags: func(fs *flag.FlagSet) any {
 		o := new(demoOptions)
@@ -72,6 +76,9 @@ takes about a minute, and removes every process and file it made unless
 // The roles of the demo. The outsider is not part of the system: it has a
 // key of its own that no keyring lists.
 var demoRoles = []string{"cosigner", "syncserver", "watchtower", "wallet", "outsider"}
+
+// demoSteps is how many steps the demo shows.
+const demoSteps = 7
 
 const (
 	cosignerPort   = 9000
@@ -155,6 +162,11 @@ func runDemo(e *env, _ *flag.FlagSet, opts any, args []string) (err error) {
 		return err
 	}
 
+	d.step(7, "The watchtower rotates its key, with no flag day")
+	if err := d.rotationScenario(ctx); err != nil {
+		return err
+	}
+
 	d.stopRoles()
 	if err := d.printConnectionLog(); err != nil {
 		return err
@@ -171,7 +183,7 @@ func (d *demo) printf(format string, args ...any) {
 }
 
 func (d *demo) step(n int, title string) {
-	d.printf("\n[%d/6] %s   (%.1fs)\n", n, title, time.Since(d.start).Seconds())
+	d.printf("\n[%d/%d] %s   (%.1fs)\n", n, demoSteps, title, time.Since(d.start).Seconds())
 }
 
 // preflight checks the tools the demo needs and makes the work directory.
@@ -311,6 +323,7 @@ type roleEvent struct {
 	Step          string  `json:"step,omitempty"`
 	OK            bool    `json:"ok,omitempty"`
 	Peer          string  `json:"peer,omitempty"`
+	PeerKey       string  `json:"peer_key,omitempty"` // the fingerprint of the key the peer proved
 	Addr          string  `json:"addr,omitempty"`
 	Pattern       string  `json:"pattern,omitempty"`
 	Cipher        string  `json:"cipher,omitempty"`
@@ -326,7 +339,8 @@ func (d *demo) startRole(r string) error {
 	if err != nil {
 		return err
 	}
-	logf, err := os.OpenFile(d.path(r, "log.jsonl"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	// Appended to: a restarted role keeps its first run's records.
+	logf, err := os.OpenFile(d.path(r, "log.jsonl"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
@@ -488,16 +502,10 @@ func (d *demo) walletScenario(ctx context.Context) error {
 	d.printf("    wallet sent:      %s\n    cosigner replied: %s\n", ev.Sent, ev.Reply)
 
 	d.step(5, "The wallet reaches the watchtower through the sync server, end to end")
-	ev, err = d.result(ctx, "wallet", "watchtower")
+	ev, err = d.watched(ctx, "watchtower")
 	if err != nil {
 		return err
 	}
-	if !ev.OK {
-		return fmt.Errorf("the wallet could not reach the watchtower through the sync server: %s", ev.Err)
-	}
-	d.printf("  wallet -> syncserver at %s -> watchtower (relayed stream)\n", ev.Addr)
-	d.printf("    inner handshake done in %.1fs: Noise_%s_25519_%s_SHA256, peer %q, key fingerprint %s\n",
-		ev.Seconds, ev.Pattern, ev.Cipher, ev.Peer, d.keys["watchtower"].Fingerprint())
 	d.printf("    wallet sent:        %s\n    watchtower replied: %s\n", ev.Sent, ev.Reply)
 	theirs := ""
 	if i := strings.LastIndex(ev.Reply, "session "); i >= 0 {
@@ -510,6 +518,186 @@ func (d *demo) walletScenario(ctx context.Context) error {
 	d.printf("    handshake hash at the watchtower: %s\n", theirs)
 	d.printf("    Same session at both ends: the sync server relayed ciphertext it can neither read nor alter.\n")
 	return nil
+}
+
+// watched waits for the wallet's result of reaching the watchtower through
+// the sync server (step), and shows it.
+func (d *demo) watched(ctx context.Context, step string) (roleEvent, error) {
+	ev, err := d.result(ctx, "wallet", step)
+	if err != nil {
+		return ev, err
+	}
+	if !ev.OK {
+		return ev, fmt.Errorf("the wallet could not reach the watchtower through the sync server: %s", ev.Err)
+	}
+	d.printf("  wallet -> syncserver at %s -> watchtower (relayed stream)\n", ev.Addr)
+	d.printf("    inner handshake done in %.1fs: Noise_%s_25519_%s_SHA256, peer %q, key fingerprint %s\n",
+		ev.Seconds, ev.Pattern, ev.Cipher, ev.Peer, ev.PeerKey)
+	return ev, nil
+}
+
+// rotationScenario rotates the watchtower's key with no flag day, as the
+// README's "Rotating a key" does it: a new key, every keyring that lists the
+// watchtower given it for an overlap, the watchtower restarted answering to
+// both keys, and the rotation finished.
+func (d *demo) rotationScenario(ctx context.Context) error {
+	oldKey := d.keys["watchtower"]
+	line, err := d.cli("keygen", "-o", d.path("watchtower", "watchtower-next.key"))
+	if err != nil {
+		return err
+	}
+	newText := strings.Fields(line)[1]
+	newKey, err := noisetor.ParsePublicKey(newText)
+	if err != nil {
+		return err
+	}
+	d.printf("  The watchtower's operator makes a new key and reads out its fingerprint:\n")
+	d.printf("    watchtower  old %s\n                new %s\n", oldKey.Fingerprint(), newKey.Fingerprint())
+
+	// rekey runs keyring rotate with args on each keyring that lists the
+	// watchtower, around RING, and has its role reload it.
+	rekey := func(args ...string) error {
+		for _, r := range []string{"wallet", "syncserver"} {
+			cmd := []string{"keyring", "rotate"}
+			for _, a := range args {
+				if a == "RING" {
+					a = d.path(r, r+".keyring")
+				}
+				cmd = append(cmd, a)
+			}
+			if _, err := d.cli(cmd...); err != nil {
+				return err
+			}
+			if err := d.send(r, "reload"); err != nil {
+				return err
+			}
+			ev, err := d.result(ctx, r, "reload")
+			if err != nil {
+				return err
+			}
+			if !ev.OK {
+				return fmt.Errorf("%s could not reload its keyring: %s", r, ev.Err)
+			}
+			d.printf("    %-10s  keyring reloaded; its fingerprint is now %s\n", r, ev.Text)
+		}
+		return nil
+	}
+	d.printf("  The wallet's and the sync server's operators list both keys for an overlap\n  (noisetor keyring rotate ... --until 10m) and reload:\n")
+	if err := rekey("RING", "watchtower", newText, "--until", "10m"); err != nil {
+		return err
+	}
+
+	d.printf("  The watchtower restarts with the new key, answering to the old one too (--previous-key):\n")
+	start := time.Now()
+	if err := d.restartRole(ctx, "watchtower", func(rc *roleConfig) {
+		rc.PreviousKeyFile, rc.KeyFile = rc.KeyFile, d.path("watchtower", "watchtower-next.key")
+	}); err != nil {
+		return err
+	}
+	d.printf("    watchtower  registered again with the sync server %.1fs after the restart began\n", time.Since(start).Seconds())
+
+	if err := d.send("wallet", "watch overlap"); err != nil {
+		return err
+	}
+	ev, err := d.watched(ctx, "overlap")
+	if err != nil {
+		return err
+	}
+	if ev.PeerKey != oldKey.Fingerprint() {
+		return fmt.Errorf("during the overlap the watchtower proved the key with fingerprint %s, not its old key's %s", ev.PeerKey, oldKey.Fingerprint())
+	}
+	d.printf("    During the overlap the wallet still addresses the old key, and the watchtower answers with it.\n")
+
+	d.printf("  The overlap is cut short (noisetor keyring rotate --finish) and the keyrings reloaded:\n")
+	if err := rekey("--finish", "RING", "watchtower"); err != nil {
+		return err
+	}
+	if err := d.send("wallet", "watch rotated"); err != nil {
+		return err
+	}
+	if ev, err = d.watched(ctx, "rotated"); err != nil {
+		return err
+	}
+	if ev.PeerKey != newKey.Fingerprint() {
+		return fmt.Errorf("after the rotation the watchtower proved the key with fingerprint %s, not its new key's %s", ev.PeerKey, newKey.Fingerprint())
+	}
+	d.printf("    Now only the new key works: the old one is in no keyring. Nobody else changed a key or restarted.\n")
+	// Let the sync server see the last relayed session end before the
+	// roles are stopped, so that the connection log shows it closed, not
+	// cut by the shutdown.
+	sessions := 0
+	d.awaitLog("syncserver", func(rec logRecord) bool {
+		if rec.Msg == "noisetor: relay" && rec.Op == "session" {
+			sessions++
+		}
+		return sessions == 3
+	})
+	return nil
+}
+
+// stopRole stops one role's process (SIGTERM) and waits for its exit.
+func (d *demo) stopRole(ctx context.Context, r string) error {
+	p := d.procs[r]
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	defer p.stdin.Close()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w while waiting for %s to stop", ctx.Err(), r)
+		case ev := <-d.events:
+			switch {
+			case ev.Role == r && ev.Event == "exit":
+				return nil
+			case ev.Event == "status":
+				d.printf("    %-10s  %s\n", ev.Role, ev.Text)
+			default:
+				return fmt.Errorf("unexpected event %q from %s while %s stopped%s", ev.Event, ev.Role, r, d.logTail(ev.Role))
+			}
+		}
+	}
+}
+
+// restartRole stops a role's process, changes its configuration with edit,
+// and starts it again on the same tor data directory; a watchtower
+// registers with the sync server again.
+func (d *demo) restartRole(ctx context.Context, r string, edit func(*roleConfig)) error {
+	if err := d.stopRole(ctx, r); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(d.path(r, "role.json"))
+	if err != nil {
+		return err
+	}
+	var rc roleConfig
+	if err := json.Unmarshal(b, &rc); err != nil {
+		return err
+	}
+	edit(&rc)
+	if b, err = json.MarshalIndent(rc, "", "  "); err != nil {
+		return err
+	}
+	if err := os.WriteFile(d.path(r, "role.json"), b, 0o600); err != nil {
+		return err
+	}
+	if err := d.startRole(r); err != nil {
+		return err
+	}
+	for {
+		ev, err := d.next(ctx)
+		if err != nil {
+			return err
+		}
+		switch {
+		case ev.Role == r && ev.Event == "tor-ready" && r == "watchtower":
+			if err := d.send(r, "register"); err != nil {
+				return err
+			}
+		case ev.Role == r && ev.Event == "ready":
+			return nil
+		default:
+			return fmt.Errorf("unexpected event %q from %s", ev.Event, ev.Role)
+		}
+	}
 }
 
 func (d *demo) outsiderScenario(ctx context.Context) error {
@@ -537,26 +725,33 @@ func (d *demo) outsiderScenario(ctx context.Context) error {
 	}
 	d.printf("    Tor let it through, but the handshake failed after %.1fs: %s\n", ev.Seconds, ev.Err)
 	// The co-signer's side of the story is in its log.
-	var found bool
-	for deadline := time.Now().Add(5 * time.Second); !found && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		recs, _ := readRoleLog(d.path("cosigner", "log.jsonl"))
+	rec, found := d.awaitLog("cosigner", func(rec logRecord) bool {
+		return rec.Msg == "noisetor: handshake" && rec.Outcome == "failed" ||
+			rec.Msg == refusedCallersMsg && rec.Reasons["preamble did not verify"] > 0
+	})
+	switch {
+	case !found:
+		return errors.New("the co-signer did not log the outsider's refused handshake")
+	case rec.Msg == refusedCallersMsg:
+		d.printf("    the co-signer counted it among callers that proved no keyring key: its preamble did not verify\n")
+	default:
+		d.printf("    the co-signer logged: %s\n", tidy(rec.Reason))
+	}
+	return nil
+}
+
+// awaitLog waits up to 5 seconds for a record of role's log that match
+// accepts, and returns the first.
+func (d *demo) awaitLog(role string, match func(logRecord) bool) (logRecord, bool) {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		recs, _ := readRoleLog(d.path(role, "log.jsonl"))
 		for _, rec := range recs {
-			if rec.Msg == "noisetor: handshake" && rec.Outcome == "failed" {
-				d.printf("    the co-signer logged: %s\n", tidy(rec.Reason))
-				found = true
-				break
-			}
-			if rec.Msg == refusedCallersMsg && rec.Reasons["preamble did not verify"] > 0 {
-				d.printf("    the co-signer counted it among callers that proved no keyring key: its preamble did not verify\n")
-				found = true
-				break
+			if match(rec) {
+				return rec, true
 			}
 		}
 	}
-	if !found {
-		return errors.New("the co-signer did not log the outsider's refused handshake")
-	}
-	return nil
+	return logRecord{}, false
 }
 
 // stopRoles asks every role to stop (SIGTERM) and waits for them, killing

@@ -22,15 +22,18 @@ import (
 
 // A roleConfig is what a demo role process is told, in its role.json.
 type roleConfig struct {
-	Role           string     `json:"role"`
-	KeyFile        string     `json:"key_file,omitempty"`
-	PKCS11         *roleToken `json:"pkcs11,omitempty"`
-	KeyringFile    string     `json:"keyring_file"`
-	OnionKeyFile   string     `json:"onion_key_file,omitempty"`
-	OnionPort      int        `json:"onion_port,omitempty"`
-	ClientAuthFile string     `json:"client_auth_file,omitempty"`
-	TorDir         string     `json:"tor_dir"`
-	Torrc          []string   `json:"torrc"`
+	Role    string `json:"role"`
+	KeyFile string `json:"key_file,omitempty"`
+	// PreviousKeyFile is the key being rotated away from (--previous-key):
+	// the role answers to it too until the overlap ends.
+	PreviousKeyFile string     `json:"previous_key_file,omitempty"`
+	PKCS11          *roleToken `json:"pkcs11,omitempty"`
+	KeyringFile     string     `json:"keyring_file"`
+	OnionKeyFile    string     `json:"onion_key_file,omitempty"`
+	OnionPort       int        `json:"onion_port,omitempty"`
+	ClientAuthFile  string     `json:"client_auth_file,omitempty"`
+	TorDir          string     `json:"tor_dir"`
+	Torrc           []string   `json:"torrc"`
 }
 
 // roleToken locates a key on a PKCS#11 token. The PIN is in a file.
@@ -53,8 +56,13 @@ type role struct {
 	cfg  roleConfig
 	log  *slog.Logger
 	ncfg *noisetor.Config
+	kf   *noisetor.KeyringFile
 	tor  *noisetor.Tor
+	td   *noisetor.TorDialer // a dialing role's, once made
 	cmds chan string
+	// closers run, last first, when the role stops: a clean stop closes
+	// its connections with close records before its tor goes.
+	closers []func()
 
 	mu  sync.Mutex
 	enc *json.Encoder
@@ -111,6 +119,12 @@ func runDemoRole(e *env, _ *flag.FlagSet, _ any, args []string) (err error) {
 		return err
 	}
 	r.ncfg = &noisetor.Config{StaticKey: key, Keyring: kr, Logger: r.log}
+	if r.cfg.PreviousKeyFile != "" {
+		if r.ncfg.PreviousStaticKey, err = noisetor.LoadPrivateKey(r.cfg.PreviousKeyFile); err != nil {
+			return err
+		}
+	}
+	r.kf = &noisetor.KeyringFile{Path: r.cfg.KeyringFile, Keyring: kr, Logger: r.log}
 
 	start := time.Now()
 	r.tor, err = noisetor.StartTor(e.ctx, &noisetor.TorConfig{DataDir: r.cfg.TorDir, Torrc: r.cfg.Torrc, Logger: r.log})
@@ -138,9 +152,39 @@ func runDemoRole(e *env, _ *flag.FlagSet, _ any, args []string) (err error) {
 		return err
 	}
 	// Stay up until the demo stops every role, so that an exit always
-	// means something went wrong.
-	<-e.ctx.Done()
-	return nil
+	// means something went wrong, and carry out its later commands.
+	for {
+		select {
+		case c := <-r.cmds:
+			r.command(c)
+		case <-e.ctx.Done():
+			for i := len(r.closers) - 1; i >= 0; i-- {
+				r.closers[i]()
+			}
+			return nil
+		}
+	}
+}
+
+// command carries out a command the demo sends once the role is up:
+// "reload" reloads the keyring file, as SIGHUP does for noisetor serve;
+// "watch STEP" has the wallet reach the watchtower again.
+func (r *role) command(c string) {
+	switch verb, arg, _ := strings.Cut(c, " "); {
+	case verb == "reload":
+		change, err := r.kf.Reload()
+		ev := roleEvent{Event: "result", Step: "reload", OK: err == nil, Text: change.NewFingerprint}
+		if err != nil {
+			ev.Err = errorText(err)
+		}
+		r.emit(ev)
+	case verb == "watch" && r.td != nil:
+		ctx, cancel := context.WithTimeout(r.e.ctx, 90*time.Second)
+		defer cancel()
+		r.watchThroughRelay(ctx, arg)
+	default:
+		r.log.Warn("demo: unknown command", "command", c)
+	}
 }
 
 func since(t time.Time) float64 { return time.Since(t).Seconds() }
@@ -182,10 +226,14 @@ func (r *role) publish() (net.Listener, error) {
 	return noisetor.NewListener(onion, r.ncfg), nil
 }
 
-// serveLines answers one request line per connection with handle's reply.
+// serveLines answers, in the background, one request line per connection
+// with handle's reply, until the role stops and closes ln.
 func (r *role) serveLines(ln net.Listener, handle func(st noisetor.ConnectionState, req string) string) {
-	stop := context.AfterFunc(r.e.ctx, func() { ln.Close() })
-	defer stop()
+	r.closers = append(r.closers, func() { ln.Close() })
+	go r.acceptLines(ln, handle)
+}
+
+func (r *role) acceptLines(ln net.Listener, handle func(st noisetor.ConnectionState, req string) string) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -219,7 +267,7 @@ func (r *role) cosigner() error {
 	if err != nil {
 		return err
 	}
-	go r.serveLines(ln, func(st noisetor.ConnectionState, req string) string {
+	r.serveLines(ln, func(st noisetor.ConnectionState, req string) string {
 		psbt, ok := strings.CutPrefix(req, "SIGN ")
 		if !ok {
 			return "ERR unknown request"
@@ -252,6 +300,7 @@ func (r *role) torDialer() (*noisetor.TorDialer, error) {
 		}
 		td.ClientAuth = ca
 	}
+	r.td = td
 	return td, nil
 }
 
@@ -272,7 +321,7 @@ func (r *role) watchtower() error {
 		return err
 	}
 	r.emit(roleEvent{Event: "ready", Seconds: since(start), Text: "registered with the sync server"})
-	go r.serveLines(ln, func(st noisetor.ConnectionState, req string) string {
+	r.serveLines(ln, func(st noisetor.ConnectionState, req string) string {
 		channel, ok := strings.CutPrefix(req, "WATCH ")
 		if !ok {
 			return "ERR unknown request"
@@ -300,7 +349,7 @@ func okResult(step, addr string, start time.Time, c net.Conn, sent, reply string
 	st := c.(*noisetor.Conn).ConnectionState()
 	return roleEvent{
 		Event: "result", Step: step, OK: true, Addr: addr, Seconds: since(start),
-		Peer: st.Peer.Name, Pattern: st.Pattern.String(), Cipher: st.CipherSuite.String(),
+		Peer: st.Peer.Name, PeerKey: st.PeerKey.Fingerprint(), Pattern: st.Pattern.String(), Cipher: st.CipherSuite.String(),
 		HandshakeHash: hex.EncodeToString(st.HandshakeHash), Sent: sent, Reply: reply,
 	}
 }
@@ -336,26 +385,32 @@ func (r *role) wallet() error {
 	ev.Seconds = hsDone.Sub(start).Seconds()
 	r.emit(ev)
 
+	r.watchThroughRelay(ctx, "watchtower")
+	return nil
+}
+
+// watchThroughRelay has the wallet reach the watchtower through the sync
+// server and hand it a revocation to watch, reporting the result as step.
+func (r *role) watchThroughRelay(ctx context.Context, step string) {
 	sync, _ := r.ncfg.Keyring.ByName("syncserver")
-	start = time.Now()
-	rc := &noisetor.RelayClient{Config: r.ncfg, Server: "syncserver", NetDialer: td}
-	c2, err := rc.Dial(ctx, "watchtower")
+	start := time.Now()
+	rc := &noisetor.RelayClient{Config: r.ncfg, Server: "syncserver", NetDialer: r.td}
+	c, err := rc.Dial(ctx, "watchtower")
 	if err != nil {
-		r.emit(roleEvent{Event: "result", Step: "watchtower", Addr: sync.Address, Seconds: since(start), Err: errorText(err)})
-		return nil
+		r.emit(roleEvent{Event: "result", Step: step, Addr: sync.Address, Seconds: since(start), Err: errorText(err)})
+		return
 	}
-	hsDone = time.Now()
-	req = "WATCH channel:5e1f...a9:0 (revocation for commitment #42)"
-	reply, err = exchange(c2, req)
-	c2.Close()
+	hsDone := time.Now()
+	req := "WATCH channel:5e1f...a9:0 (revocation for commitment #42)"
+	reply, err := exchange(c, req)
+	c.Close()
 	if err != nil {
-		r.emit(roleEvent{Event: "result", Step: "watchtower", Addr: sync.Address, Err: "request: " + errorText(err)})
-		return nil
+		r.emit(roleEvent{Event: "result", Step: step, Addr: sync.Address, Err: "request: " + errorText(err)})
+		return
 	}
-	ev = okResult("watchtower", sync.Address, start, c2, req, reply)
+	ev := okResult(step, sync.Address, start, c, req, reply)
 	ev.Seconds = hsDone.Sub(start).Seconds()
 	r.emit(ev)
-	return nil
 }
 
 func (r *role) outsider() error {

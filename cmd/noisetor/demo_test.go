@@ -72,6 +72,9 @@ func TestDemo(t *testing.T) {
 		"refused by Tor",
 		"SOCKS reply 0xf4",
 		"the co-signer counted it among callers that proved no keyring key: its preamble did not verify",
+		"[7/7] The watchtower rotates its key",
+		"During the overlap the wallet still addresses the old key, and the watchtower answers with it.",
+		"Now only the new key works",
 		"All steps worked",
 	} {
 		if !strings.Contains(o, want) {
@@ -86,6 +89,8 @@ func TestDemo(t *testing.T) {
 		`syncserver\s+relay connect\s+wallet -> watchtower\s+OK`,
 		`outsider\s+handshake out KK\s+syncserver\s+FAILED.*client authorization`,
 		`cosigner\s+handshakes in\s+\(unknown\)\s+REFUSED\s+1× preamble did not verify`,
+		// The watchtower's first run stopped cleanly (SIGTERM) for its restart.
+		`syncserver\s+relay unregister\s+watchtower\s+DONE\s+peer closed the control connection`,
 	} {
 		if !regexp.MustCompile(re).MatchString(o) {
 			t.Errorf("connection log lacks /%s/", re)
@@ -96,7 +101,7 @@ func TestDemo(t *testing.T) {
 	}
 
 	// Its files are all there; nothing secret is group- or world-readable.
-	for _, f := range []string{"cosigner/token.pin", "wallet/wallet.key", "wallet/wallet.auth-key", "cosigner/cosigner.onion-key"} {
+	for _, f := range []string{"cosigner/token.pin", "wallet/wallet.key", "wallet/wallet.auth-key", "watchtower/watchtower-next.key", "cosigner/cosigner.onion-key"} {
 		st, err := os.Stat(filepath.Join(dir, f))
 		if err != nil {
 			t.Error(err)
