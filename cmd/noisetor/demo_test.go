@@ -258,13 +258,14 @@ func TestServeConnectTor(t *testing.T) {
 		"-k", j("server.key"), "-r", j("server.keyring"), "--tor-control", svcTor.ControlAddr,
 		"--onion-key", j("open.onion-key"), "--no-client-auth")
 	// A plain SOCKS port gets no retries: while the new descriptor reaches
-	// the directory the client asks, tor may answer 0xF0 (not found).
-	for range 5 {
+	// the directory the client asks, tor may answer 0xF0 (not found), and
+	// then answers so at once until it may ask that HSDir again (5 s on a
+	// testing network, which has one HSDir): retry for longer than that.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
 		r = cli(t, "", "connect", "-k", j("client.key"), "-r", j("client.keyring"), "--socks", cliTor.SocksAddr, "--peer", "server", addr)
-		if !strings.Contains(r.stderr, "descriptor not found") {
+		if !strings.Contains(r.stderr, "descriptor not found") || time.Now().After(deadline) {
 			break
 		}
-		time.Sleep(time.Second)
 	}
 	r.want(t, exitOK, "connected to server at "+addr)
 	if r.stdout != "via socks" {

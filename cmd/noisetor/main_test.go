@@ -369,7 +369,10 @@ func serveLog(t *testing.T, ctx context.Context, stdin io.Reader, args ...string
 	case addr = <-errw.match:
 	case code := <-done:
 		t.Fatalf("serve exited with %d: %s", code, errw)
-	case <-time.After(10 * time.Second):
+	case <-time.After(90 * time.Second):
+		// As long as serve's own --timeout: over Tor, "listening" follows
+		// a descriptor upload or (--via) a dial and a registration, which
+		// a loaded machine or tor's 5 s HSDir requery can stretch.
 		t.Fatalf("serve did not start listening: %s", errw)
 	}
 	return addr, errw, func() result {
