@@ -625,13 +625,7 @@ func (d *demo) rotationScenario(ctx context.Context) error {
 	// Let the sync server see the last relayed session end before the
 	// roles are stopped, so that the connection log shows it closed, not
 	// cut by the shutdown.
-	sessions := 0
-	d.awaitLog("syncserver", func(rec logRecord) bool {
-		if rec.Msg == "noisetor: relay" && rec.Op == "session" {
-			sessions++
-		}
-		return sessions == 3
-	})
+	d.awaitLog("syncserver", 3, func(rec logRecord) bool { return rec.Msg == "noisetor: relay" && rec.Op == "session" })
 	return nil
 }
 
@@ -725,7 +719,7 @@ func (d *demo) outsiderScenario(ctx context.Context) error {
 	}
 	d.printf("    Tor let it through, but the handshake failed after %.1fs: %s\n", ev.Seconds, ev.Err)
 	// The co-signer's side of the story is in its log.
-	rec, found := d.awaitLog("cosigner", func(rec logRecord) bool {
+	rec, found := d.awaitLog("cosigner", 1, func(rec logRecord) bool {
 		return rec.Msg == "noisetor: handshake" && rec.Outcome == "failed" ||
 			rec.Msg == refusedCallersMsg && rec.Reasons["preamble did not verify"] > 0
 	})
@@ -740,14 +734,17 @@ func (d *demo) outsiderScenario(ctx context.Context) error {
 	return nil
 }
 
-// awaitLog waits up to 5 seconds for a record of role's log that match
-// accepts, and returns the first.
-func (d *demo) awaitLog(role string, match func(logRecord) bool) (logRecord, bool) {
+// awaitLog waits up to 5 seconds for role's log to hold n records that
+// match, and returns the nth.
+func (d *demo) awaitLog(role string, n int, match func(logRecord) bool) (logRecord, bool) {
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		recs, _ := readRoleLog(d.path(role, "log.jsonl"))
+		seen := 0
 		for _, rec := range recs {
 			if match(rec) {
-				return rec, true
+				if seen++; seen == n {
+					return rec, true
+				}
 			}
 		}
 	}

@@ -22,18 +22,19 @@ import (
 
 // A roleConfig is what a demo role process is told, in its role.json.
 type roleConfig struct {
-	Role    string `json:"role"`
-	KeyFile string `json:"key_file,omitempty"`
+	Role           string     `json:"role"`
+	KeyFile        string     `json:"key_file,omitempty"`
+	PKCS11         *roleToken `json:"pkcs11,omitempty"`
+	KeyringFile    string     `json:"keyring_file"`
+	OnionKeyFile   string     `json:"onion_key_file,omitempty"`
+	OnionPort      int        `json:"onion_port,omitempty"`
+	ClientAuthFile string     `json:"client_auth_file,omitempty"`
+	TorDir         string     `json:"tor_dir"`
+	Torrc          []string   `json:"torrc"`
+
 	// PreviousKeyFile is the key being rotated away from (--previous-key):
 	// the role answers to it too until the overlap ends.
-	PreviousKeyFile string     `json:"previous_key_file,omitempty"`
-	PKCS11          *roleToken `json:"pkcs11,omitempty"`
-	KeyringFile     string     `json:"keyring_file"`
-	OnionKeyFile    string     `json:"onion_key_file,omitempty"`
-	OnionPort       int        `json:"onion_port,omitempty"`
-	ClientAuthFile  string     `json:"client_auth_file,omitempty"`
-	TorDir          string     `json:"tor_dir"`
-	Torrc           []string   `json:"torrc"`
+	PreviousKeyFile string `json:"previous_key_file,omitempty"`
 }
 
 // roleToken locates a key on a PKCS#11 token. The PIN is in a file.
