@@ -129,9 +129,11 @@ func TestKeyringUpdateUnderHandshakes(t *testing.T) {
 			defer wg.Done()
 			for ctx.Err() == nil {
 				c, err := (&Dialer{Config: ps[name].cfg, Peer: "server"}).DialContext(ctx, "tcp", ln.Addr().String())
+				// A dial cut by ctx's deadline can report "i/o timeout" a
+				// moment before ctx.Err() is set.
 				if err == nil {
 					c.Close()
-				} else if name == "bob" && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) {
+				} else if name == "bob" && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) && !isTimeout(err) {
 					t.Errorf("bob, never removed: %v", err)
 					return
 				}
