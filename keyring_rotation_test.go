@@ -353,3 +353,42 @@ func listRotation(t *testing.T, rotating Peer, cfgs ...*Config) {
 		cfg.Keyring.Update(ring)
 	}
 }
+
+// A registration whose key left the keyring between its handshake and its
+// REGISTER line (a thief's, with the old key, as the rotation is finished)
+// is refused, and does not displace the live registration of the entry's
+// current key. The interleaving is forced by calling register on such a
+// connection; over the network the window is a few microseconds.
+func TestRelayRegisterAfterItsKeyLeft(t *testing.T) {
+	until := time.Now().Add(time.Hour).Truncate(time.Second)
+	peers := newTestPeers(t, "sync", "wallet", "tower")
+	tower, next := peers["tower"], mustKey(t)
+	listRotation(t, Peer{Name: "tower", PublicKey: tower.key.PublicKey(), NextKey: next.PublicKey(), OverlapUntil: until},
+		peers["sync"].cfg, peers["wallet"].cfg)
+	// The thief's copy of the tower's configuration, with the old key; the
+	// tower itself moves to the next key.
+	thief := &testPeer{name: "tower", key: tower.key, cfg: &Config{StaticKey: tower.key, Keyring: tower.cfg.Keyring, Logger: tower.cfg.Logger}}
+	tower.cfg.StaticKey, tower.cfg.PreviousStaticKey = next, tower.key
+
+	n := &relayTestNet{peers: peers}
+	n.startServer(t, "127.0.0.1:0", relayTestOpts{rules: RelayRules{{From: "wallet", To: "tower"}}})
+	n.tower(t, "tower", relayEcho)
+	_, stale := handshakePair(t, thief, peers["sync"])
+	from := stale.ConnectionState().Peer
+
+	// keyring rotate --finish at the sync server and the wallet.
+	listRotation(t, Peer{Name: "tower", PublicKey: next.PublicKey()}, peers["sync"].cfg, peers["wallet"].cfg)
+	done := make(chan struct{})
+	go func() { n.srv.register(stale, from, time.Now()); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stale registration was taken")
+	}
+	c, err := n.client("wallet").Dial(relayCtx(t), "tower")
+	if err != nil {
+		t.Fatalf("the tower after a stale registration: %v", err)
+	}
+	c.Close()
+	mustContain(t, peers["sync"].logs.String(), "the key this registration proved left the keyring after its handshake")
+}

@@ -219,7 +219,7 @@ func (rc *RelayClient) DialContext(ctx context.Context, network, addr string) (n
 // RelayClient.MaxPending and MaxPendingPerPeer.
 func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 	start := time.Now()
-	server, addr, err := rc.check()
+	_, addr, err := rc.check()
 	if err != nil {
 		return nil, err
 	}
@@ -232,14 +232,13 @@ func (rc *RelayClient) Listen(ctx context.Context) (net.Listener, error) {
 	lctx, cancel := context.WithCancel(context.Background())
 	feed := &relayFeed{ch: make(chan net.Conn), done: make(chan struct{}), addr: relayAddr(rc.Server)}
 	l := &relayListener{
-		rc:        rc,
-		addr:      addr,
-		serverKey: server.PublicKey,
-		ctx:       lctx,
-		cancel:    cancel,
-		feed:      feed,
-		nl:        NewListener(feed, rc.Config),
-		gate:      relayGate{max: orDefault(rc.MaxPending, defaultRelayMaxPending), perPeerMax: orDefault(rc.MaxPendingPerPeer, defaultRelayMaxPendingPerPeer)},
+		rc:     rc,
+		addr:   addr,
+		ctx:    lctx,
+		cancel: cancel,
+		feed:   feed,
+		nl:     NewListener(feed, rc.Config),
+		gate:   relayGate{max: orDefault(rc.MaxPending, defaultRelayMaxPending), perPeerMax: orDefault(rc.MaxPendingPerPeer, defaultRelayMaxPendingPerPeer)},
 		refusals: newRefusalLog(rc.Config.logger, relayRefusalsMessage, true,
 			slog.String("op", "accept"), slog.String("server", rc.Server), slog.String("outcome", "refused")),
 		ctrl: ctrl,
@@ -271,14 +270,13 @@ func (rc *RelayClient) register(ctx context.Context, addr string) (*Conn, time.D
 
 // relayListener is the listener of RelayClient.Listen.
 type relayListener struct {
-	rc        *RelayClient
-	addr      string
-	serverKey PublicKey
-	ctx       context.Context
-	cancel    context.CancelFunc
-	feed      *relayFeed
-	nl        net.Listener // NewListener(feed): runs the end-to-end handshakes
-	gate      relayGate
+	rc     *RelayClient
+	addr   string
+	ctx    context.Context
+	cancel context.CancelFunc
+	feed   *relayFeed
+	nl     net.Listener // NewListener(feed): runs the end-to-end handshakes
+	gate   relayGate
 	// refusals counts the requests ignored before any connection is opened
 	// and the accept connections that failed: the sync server can cause any
 	// number of them, so they are logged as aggregates.
@@ -392,7 +390,9 @@ func (l *relayListener) dialBack(token string, requester PublicKey) {
 		l.refusals.add("requester_not_in_keyring",
 			"ignored a request from a peer that is not in our keyring (fingerprint "+requester.Fingerprint()+")")
 		return
-	case requester == l.serverKey:
+	case from.Name == l.rc.Server:
+		// By name, not by a key kept from Listen: the sync server's
+		// entry may have rotated (or replaced) its key since.
 		l.refusals.add("requester_is_sync_server", "ignored a request that the sync server announced as its own")
 		return
 	}
@@ -449,7 +449,7 @@ func (l *relayListener) Accept() (net.Conn, error) {
 		rs, _ := c.(*Conn).NetConn().(*relayStream)
 		rs.setupDone() // set up: from here on the application holds it
 		p, _ := PeerOf(c)
-		if p.PublicKey == l.serverKey {
+		if p.Name == l.rc.Server {
 			// The sync server is in our keyring, so it can complete a
 			// handshake with its own key. It is no end-to-end peer, and
 			// an application that trusts "any keyring peer" must not

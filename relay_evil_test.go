@@ -640,3 +640,53 @@ func TestRelayMaliciousServer(t *testing.T) {
 		mustContain(t, peers["tower"].logs.String(), `outcome=lost reason="nothing from the sync server for 300ms"`)
 	})
 }
+
+// A watchtower's relay listener started before the sync server's key
+// rotation was finished in its keyring (or before that key was replaced)
+// still knows the sync server for what it is: it ignores an INCOMING that
+// announces the sync server's new key, and so never hands the application
+// the sync server's own end-to-end handshake as a relayed peer's. (The
+// listener kept the key it saw at Listen; found by an attack review.)
+func TestRelayListenerAfterSyncServerRotation(t *testing.T) {
+	peers := newTestPeers(t, "sync", "wallet", "tower")
+	oldKey, newKey := peers["sync"].key, mustKey(t)
+	until := time.Now().Add(time.Hour).Truncate(time.Second)
+	listRotation(t, Peer{Name: "sync", PublicKey: oldKey.PublicKey(), NextKey: newKey.PublicKey(), OverlapUntil: until}, peers["tower"].cfg)
+	syncCfg := peers["sync"].cfg
+	syncCfg.StaticKey, syncCfg.PreviousStaticKey = newKey, oldKey
+
+	e := startEvilRelay(t, syncCfg, func(w *Conn, target Peer) { w.Close() })
+	rc := &RelayClient{Config: peers["tower"].cfg, Server: "sync", Address: e.addr}
+	l, err := rc.Listen(relayCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 4)
+	serveAll(t, l, func(c net.Conn) { accepted <- c; io.Copy(io.Discard, c) })
+	relayWaitFor(t, "the registration", func() bool { e.mu.Lock(); defer e.mu.Unlock(); return e.registers == 1 })
+
+	// keyring rotate --finish on the tower's keyring: its control
+	// connection, to the old key, is revoked, and it registers again.
+	listRotation(t, Peer{Name: "sync", PublicKey: newKey.PublicKey()}, peers["tower"].cfg)
+	relayWaitFor(t, "the registration with the new key", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.registers == 2 && e.ctrl["tower"] != nil
+	})
+	e.mu.Lock()
+	ctrl := e.ctrl["tower"]
+	e.mu.Unlock()
+	io.WriteString(ctrl, "INCOMING "+strings.Repeat("ab", 16)+" "+newKey.PublicKey().String()+"\n")
+	tl := l.(*relayListener)
+	relayWaitFor(t, "the INCOMING to be ignored", func() bool {
+		tl.refusals.mu.Lock()
+		defer tl.refusals.mu.Unlock()
+		return tl.refusals.total == 1
+	})
+	mustContain(t, peers["tower"].logs.String(), "ignored a request that the sync server announced as its own")
+	select {
+	case c := <-accepted:
+		t.Errorf("the relay listener accepted a connection from %v", c.RemoteAddr())
+	case <-time.After(200 * time.Millisecond):
+	}
+}

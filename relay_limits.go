@@ -125,28 +125,29 @@ func (g *relayGate) leaver(requester PublicKey) func() {
 }
 
 // relayIdle counts, at the sync server, each peer's outer connections that
-// have not yet sent their first control line.
+// have not yet sent their first control line, by keyring name (so that a
+// peer rotating its key has one share, whichever key it proved).
 type relayIdle struct {
 	mu      sync.Mutex
-	perPeer map[PublicKey]int
+	perPeer map[string]int
 }
 
 // enter reports whether peer may hold one more such connection, max at most,
 // and counts it if so.
-func (r *relayIdle) enter(peer PublicKey, max int) bool {
+func (r *relayIdle) enter(peer string, max int) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.perPeer[peer] >= max {
 		return false
 	}
 	if r.perPeer == nil {
-		r.perPeer = make(map[PublicKey]int)
+		r.perPeer = make(map[string]int)
 	}
 	r.perPeer[peer]++
 	return true
 }
 
-func (r *relayIdle) leave(peer PublicKey) {
+func (r *relayIdle) leave(peer string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.perPeer[peer]--; r.perPeer[peer] <= 0 {

@@ -79,7 +79,7 @@ type RelayServer struct {
 	registered map[string]*relayRegistration
 	pending    map[string]*relayPending
 	sessions   int
-	perPeer    map[PublicKey]int // sessions by requester
+	perPeer    map[string]int // sessions by requester's keyring name
 	idle       relayIdle
 	unauth     *refusalLog // refusals of connections nobody authenticated
 	wg         sync.WaitGroup
@@ -297,14 +297,14 @@ func (s *RelayServer) handle(c net.Conn) {
 	}
 	// Until its first line, a connection is only a cost to us: bound how
 	// many of them one peer holds, and for how long.
-	if !s.idle.enter(from.PublicKey, s.maxIdlePerPeer()) {
+	if !s.idle.enter(from.Name, s.maxIdlePerPeer()) {
 		s.refuse(oc, "request", from.Name, "", relayCodeBusy,
 			fmt.Sprintf("%s has %d connections without a request already", from.Name, s.maxIdlePerPeer()), start)
 		return
 	}
 	oc.SetDeadline(time.Now().Add(s.requestTimeout()))
 	line, err := readRelayLine(oc)
-	s.idle.leave(from.PublicKey)
+	s.idle.leave(from.Name)
 	if err != nil {
 		s.logDecision(slog.LevelWarn, "request", from.Name, "", "failed", "reading the request: "+err.Error(), start)
 		s.drop(oc)
@@ -326,6 +326,14 @@ func (s *RelayServer) handle(c net.Conn) {
 func (s *RelayServer) register(c *Conn, from Peer, start time.Time) {
 	reg := &relayRegistration{peer: from, key: c.ConnectionState().PeerKey, conn: c, done: make(chan struct{})}
 	s.mu.Lock()
+	// The keyring may have changed since the handshake: a key revoked or
+	// replaced in between (its connection is being cut) must not replace
+	// the registration of the entry's current key.
+	if q, ok := s.Config.Keyring.ByKey(reg.key); !ok || q.Name != from.Name || !q.accepts(reg.key, s.Config.now()) {
+		s.mu.Unlock()
+		s.refuse(c, "register", from.Name, "", relayCodeUnknownPeer, "the key this registration proved left the keyring after its handshake", start)
+		return
+	}
 	old := s.registered[from.Name]
 	s.registered[from.Name] = reg
 	s.mu.Unlock()
@@ -460,16 +468,16 @@ func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%d sessions already", s.maxSessions()), start)
 		return nil
 	}
-	if s.perPeer[from.PublicKey] >= s.maxSessionsPerPeer() {
+	if s.perPeer[from.Name] >= s.maxSessionsPerPeer() {
 		s.mu.Unlock()
 		s.refuse(c, "connect", from.Name, to.Name, relayCodeBusy, fmt.Sprintf("%s has %d sessions already", from.Name, s.maxSessionsPerPeer()), start)
 		return nil
 	}
 	if s.perPeer == nil {
-		s.perPeer = make(map[PublicKey]int)
+		s.perPeer = make(map[string]int)
 	}
 	s.sessions++
-	s.perPeer[from.PublicKey]++
+	s.perPeer[from.Name]++
 	rs := &relaySession{c: c, from: from, to: to, start: start}
 	// A registration made with a key the entry no longer accepts is being
 	// revoked (liveConns): it is not the target's.
@@ -487,8 +495,8 @@ func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.
 func (s *RelayServer) releaseSession(rs *relaySession) {
 	s.mu.Lock()
 	s.sessions--
-	if s.perPeer[rs.from.PublicKey]--; s.perPeer[rs.from.PublicKey] == 0 {
-		delete(s.perPeer, rs.from.PublicKey)
+	if s.perPeer[rs.from.Name]--; s.perPeer[rs.from.Name] == 0 {
+		delete(s.perPeer, rs.from.Name)
 	}
 	s.mu.Unlock()
 }
