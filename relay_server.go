@@ -72,10 +72,10 @@ type RelayServer struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[*Conn]struct{}
-	// registered is by keyring name, not key: a peer rotating its key
-	// registers while its entry still has the old key first, and must
-	// stay reachable once the rotation is finished (keyring rotate
-	// --finish makes the next key the entry's key).
+	// registered is by keyring name, not key: a peer that registers with
+	// its next key during a rotation must stay reachable once the
+	// rotation is finished (keyring rotate --finish makes that key the
+	// entry's key).
 	registered map[string]*relayRegistration
 	pending    map[string]*relayPending
 	sessions   int
