@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,12 +89,13 @@ type RelayServer struct {
 
 // relayRegistration is one registered peer's control connection.
 type relayRegistration struct {
-	peer Peer
-	key  PublicKey // the key its handshake proved: peer.PublicKey, or its next key
-	conn *Conn
-	mu   sync.Mutex // serialises writes
-	once sync.Once
-	done chan struct{}
+	peer  Peer
+	key   PublicKey // the key its handshake proved: peer.PublicKey, or its next key
+	since time.Time
+	conn  *Conn
+	mu    sync.Mutex // serialises writes
+	once  sync.Once
+	done  chan struct{}
 }
 
 func (r *relayRegistration) send(line string) error {
@@ -238,6 +240,35 @@ func (s *RelayServer) Close() error {
 	return nil
 }
 
+// RelayStatus is a snapshot of a RelayServer, for operators (package
+// monitor shows it).
+type RelayStatus struct {
+	// Registered lists the peers registered now (reachable through the
+	// sync server), in name order.
+	Registered []RelayRegistered
+	// Sessions counts the relayed sessions open or being set up.
+	Sessions int
+}
+
+// RelayRegistered is one registered peer: its keyring name and when its
+// current registration began.
+type RelayRegistered struct {
+	Peer  string
+	Since time.Time
+}
+
+// Status returns a snapshot of the registrations and sessions.
+func (s *RelayServer) Status() RelayStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := RelayStatus{Sessions: s.sessions}
+	for name, reg := range s.registered {
+		st.Registered = append(st.Registered, RelayRegistered{Peer: name, Since: reg.since})
+	}
+	slices.SortFunc(st.Registered, func(a, b RelayRegistered) int { return strings.Compare(a.Peer, b.Peer) })
+	return st
+}
+
 // track records c so that Close can cut it; false once closed.
 func (s *RelayServer) track(c *Conn) bool {
 	s.mu.Lock()
@@ -324,7 +355,7 @@ func (s *RelayServer) handle(c net.Conn) {
 }
 
 func (s *RelayServer) register(c *Conn, from Peer, start time.Time) {
-	reg := &relayRegistration{peer: from, key: c.ConnectionState().PeerKey, conn: c, done: make(chan struct{})}
+	reg := &relayRegistration{peer: from, key: c.ConnectionState().PeerKey, since: time.Now(), conn: c, done: make(chan struct{})}
 	s.mu.Lock()
 	// The keyring may have changed since the handshake: a key revoked or
 	// replaced in between (its connection is being cut) must not replace

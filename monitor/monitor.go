@@ -4,7 +4,7 @@
 // onion service is published and reachable.
 //
 // A Monitor reports on one noisetor.Config (and optionally one onion
-// service). Its Handler answers GET /status with a JSON Status, which
+// service, and the sync server's relay: WithRelay). Its Handler answers GET /status with a JSON Status, which
 // `noisetor status` prints as a table, and GET /metrics with Prometheus
 // metrics. A long-running program serves it on a Unix socket made by
 // ListenUnix (mode 0600, in a private directory), and the metrics alone, if
@@ -36,6 +36,8 @@
 //	noisetor_onion_last_upload_timestamp_seconds       gauge
 //	noisetor_onion_last_check_timestamp_seconds        gauge
 //	noisetor_onion_last_reached_timestamp_seconds      gauge
+//	noisetor_relay_registered{peer}                    gauge, with a relay: 1 if the keyring peer is registered, else 0
+//	noisetor_relay_sessions                            gauge, with a relay: relayed sessions open or being set up
 //
 // and, from Handler, the Go runtime's and the process's standard metrics
 // (go_*, process_*).
@@ -61,6 +63,7 @@ import (
 type Monitor struct {
 	cfg     *noisetor.Config
 	onion   *noisetor.OnionListener
+	relay   *noisetor.RelayServer
 	started time.Time
 }
 
@@ -71,6 +74,14 @@ func New(cfg *noisetor.Config, onion *noisetor.OnionListener) *Monitor {
 	return &Monitor{cfg: cfg, onion: onion, started: time.Now()}
 }
 
+// WithRelay has m also report on the sync server's relay s: which peers are
+// registered, and how many sessions it carries. Call it before serving m.
+// It returns m.
+func (m *Monitor) WithRelay(s *noisetor.RelayServer) *Monitor {
+	m.relay = s
+	return m
+}
+
 // Status is a snapshot of a Monitor, as GET /status returns it in JSON.
 type Status struct {
 	Time    time.Time         `json:"time"`    // when the snapshot was taken, by the server's clock
@@ -78,6 +89,19 @@ type Status struct {
 	Peers   []Peer            `json:"peers"`   // as noisetor.Config.PeerStates lists them
 	Refused map[string]uint64 `json:"refused"` // noisetor.Config.Refusals
 	Onion   *Onion            `json:"onion,omitempty"`
+	Relay   *Relay            `json:"relay,omitempty"`
+}
+
+// Relay is the state of the sync server's relay (noisetor.RelayStatus).
+type Relay struct {
+	Registered []Registered `json:"registered"` // in name order
+	Sessions   int          `json:"sessions"`   // open or being set up
+}
+
+// Registered is one registered peer (noisetor.RelayRegistered).
+type Registered struct {
+	Peer  string    `json:"peer"`
+	Since time.Time `json:"since"`
 }
 
 // Peer is the state of one peer (noisetor.PeerState).
@@ -143,6 +167,13 @@ func (m *Monitor) Status() Status {
 		}
 		if o.Err != nil {
 			st.Onion.Error = o.Err.Error()
+		}
+	}
+	if m.relay != nil {
+		r := m.relay.Status()
+		st.Relay = &Relay{Registered: []Registered{}, Sessions: r.Sessions}
+		for _, p := range r.Registered {
+			st.Relay.Registered = append(st.Relay.Registered, Registered{Peer: p.Peer, Since: p.Since})
 		}
 	}
 	return st
@@ -212,6 +243,9 @@ var (
 	descOnionLastUpload  = prometheus.NewDesc("noisetor_onion_last_upload_timestamp_seconds", "When a directory last accepted the onion service's descriptor (Unix time).", nil, nil)
 	descOnionLastCheck   = prometheus.NewDesc("noisetor_onion_last_check_timestamp_seconds", "When the last reachability check of the onion service ended (Unix time).", nil, nil)
 	descOnionLastReached = prometheus.NewDesc("noisetor_onion_last_reached_timestamp_seconds", "When a reachability check last reached the onion service (Unix time).", nil, nil)
+
+	descRelayRegistered = prometheus.NewDesc("noisetor_relay_registered", "1 if the keyring peer is registered with the sync server (reachable through it), else 0.", []string{"peer"}, nil)
+	descRelaySessions   = prometheus.NewDesc("noisetor_relay_sessions", "Relayed sessions open or being set up.", nil, nil)
 )
 
 var onionStates = []noisetor.OnionState{noisetor.OnionPublishing, noisetor.OnionPublished,
@@ -220,7 +254,8 @@ var onionStates = []noisetor.OnionState{noisetor.OnionPublishing, noisetor.Onion
 // Describe implements prometheus.Collector.
 func (m *Monitor) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descHandshakes, descConnections, descLastHandshake, descLastFailure, descInKeyring, descRefused,
-		descOnionState, descOnionPubs, descOnionRepub, descOnionFailures, descOnionLastUpload, descOnionLastCheck, descOnionLastReached} {
+		descOnionState, descOnionPubs, descOnionRepub, descOnionFailures, descOnionLastUpload, descOnionLastCheck, descOnionLastReached,
+		descRelayRegistered, descRelaySessions} {
 		ch <- d
 	}
 }
@@ -238,7 +273,8 @@ func (m *Monitor) Collect(ch chan<- prometheus.Metric) {
 			gauge(d, float64(t.UnixNano())/1e9, labels...)
 		}
 	}
-	for _, p := range m.cfg.PeerStates() {
+	states := m.cfg.PeerStates()
+	for _, p := range states {
 		h := p.Handshakes
 		counter(descHandshakes, float64(h.InboundOK), p.Name, "in", "ok")
 		counter(descHandshakes, float64(h.InboundFailed), p.Name, "in", "failed")
@@ -255,6 +291,23 @@ func (m *Monitor) Collect(ch chan<- prometheus.Metric) {
 	}
 	for reason, n := range m.cfg.Refusals() {
 		counter(descRefused, float64(n), reason)
+	}
+	if m.relay != nil {
+		r := m.relay.Status()
+		registered := make(map[string]bool, len(r.Registered))
+		for _, p := range r.Registered {
+			registered[p.Peer] = true
+		}
+		for _, p := range states {
+			if p.InKeyring {
+				v := 0.0
+				if registered[p.Name] {
+					v = 1
+				}
+				gauge(descRelayRegistered, v, p.Name)
+			}
+		}
+		gauge(descRelaySessions, float64(r.Sessions))
 	}
 	if m.onion == nil {
 		return

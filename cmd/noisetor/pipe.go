@@ -215,7 +215,7 @@ func runServe(e *env, _ *flag.FlagSet, opts any, args []string) error {
 		ln = noisetor.NewListener(inner, cfg)
 	}
 	defer ln.Close()
-	stopStatus, err := o.status.start(cfg.Logger, cfg, inner)
+	stopStatus, err := o.status.start(cfg.Logger, cfg, inner, nil)
 	if err != nil {
 		return err
 	}

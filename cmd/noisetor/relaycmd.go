@@ -98,7 +98,7 @@ func runRelay(e *env, _ *flag.FlagSet, opts any, args []string) error {
 	if err != nil {
 		return err
 	}
-	stopStatus, err := o.status.start(log, srv.Config, inner)
+	stopStatus, err := o.status.start(log, srv.Config, inner, srv)
 	if err != nil {
 		inner.Close()
 		return err

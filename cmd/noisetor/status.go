@@ -39,14 +39,17 @@ func (o *statusOptions) register(fs *flag.FlagSet) {
 const statusReadTimeout = 10 * time.Second
 
 // start serves the status socket and the metrics address that were asked
-// for, reporting on cfg and, if ln is an onion service, on it. stop ends
-// both and removes the socket.
-func (o *statusOptions) start(log *slog.Logger, cfg *noisetor.Config, ln net.Listener) (stop func(), err error) {
+// for, reporting on cfg, on ln if it is an onion service, and on relay if
+// not nil. stop ends both and removes the socket.
+func (o *statusOptions) start(log *slog.Logger, cfg *noisetor.Config, ln net.Listener, relay *noisetor.RelayServer) (stop func(), err error) {
 	if o.socket == "" && o.metrics == "" {
 		return func() {}, nil
 	}
 	onion, _ := ln.(*noisetor.OnionListener)
 	m := monitor.New(cfg, onion)
+	if relay != nil {
+		m.WithRelay(relay)
+	}
 	var servers []*http.Server
 	stop = func() {
 		for _, s := range servers {
@@ -96,14 +99,15 @@ type statusCmdOptions struct {
 var statusCmd = &command{
 	name:  "status",
 	args:  "--socket PATH [--json | --metrics]",
-	short: "show the peers, handshakes and onion service of a running serve or relay",
+	short: "show the peers, handshakes, onion service and relay of a running serve or relay",
 	long: `
 Status asks a running 'noisetor serve' or 'noisetor relay' started with
 --status-socket PATH for its state and prints, for each peer of its keyring,
 the connections open now, when the last handshake completed (and which way),
 the handshakes that completed and failed, and when the last attempt failed and
 why; then the callers refused because they proved no keyring key, counted by
-reason, and the state of the onion service, if there is one.
+reason, the state of the onion service, if there is one, and for a relay the
+peers registered (reachable through it) and its sessions.
 
 With --json it prints the state as the socket sends it (GET /status); with
 --metrics, the Prometheus metrics (GET /metrics), for a collector that reads
@@ -234,6 +238,15 @@ func printStatus(w io.Writer, st *monitor.Status) {
 			fmt.Fprintf(w, "; %d failed in a row: %s", o.CheckFailures, printable(o.Error))
 		}
 		fmt.Fprintln(w)
+	}
+
+	if r := st.Relay; r != nil {
+		fmt.Fprintf(w, "\nrelay: peers registered: %d; sessions open or being set up: %d\n", len(r.Registered), r.Sessions)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		for _, p := range r.Registered {
+			fmt.Fprintf(tw, "  %s\tregistered %s\n", printable(p.Peer), ago(p.Since))
+		}
+		tw.Flush()
 	}
 }
 

@@ -251,7 +251,7 @@ func TestRelayStatus(t *testing.T) {
 		t.Fatalf("relay did not start: %s", errw)
 	}
 	k, _ := noisetor.LoadPrivateKey(j("tower.key"))
-	kr, _ := noisetor.ParseKeyring(strings.NewReader(strings.TrimSpace(line["sync"]) + " addr=" + addr + "\n"))
+	kr, _ := noisetor.ParseKeyring(strings.NewReader(strings.TrimSpace(line["sync"]) + " addr=" + addr + "\n" + line["wallet"]))
 	tower := &noisetor.RelayClient{Config: &noisetor.Config{StaticKey: k, Keyring: kr, Logger: slog.New(slog.DiscardHandler)}, Server: "sync"}
 	ln, err := tower.Listen(ctx)
 	if err != nil {
@@ -266,6 +266,35 @@ func TestRelayStatus(t *testing.T) {
 	if !regexp.MustCompile(`(?m)^wallet +0 +never +0 +0 +-$`).MatchString(r.stdout) {
 		t.Errorf("relay status:\n%s", r.stdout)
 	}
+	mustMatch := func(out string, res ...string) {
+		t.Helper()
+		for _, re := range res {
+			if !regexp.MustCompile(re).MatchString(out) {
+				t.Errorf("relay status lacks /%s/:\n%s", re, out)
+			}
+		}
+	}
+	mustMatch(r.stdout, `(?m)^relay: peers registered: 1; sessions open or being set up: 0$`, `(?m)^  tower +registered (just now|\ds ago)$`)
+
+	// A relayed session, held open, is counted.
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	wk, _ := noisetor.LoadPrivateKey(j("wallet.key"))
+	wkr, _ := noisetor.ParseKeyring(strings.NewReader(strings.TrimSpace(line["sync"]) + " addr=" + addr + "\n" + line["tower"]))
+	wallet := &noisetor.RelayClient{Config: &noisetor.Config{StaticKey: wk, Keyring: wkr, Logger: slog.New(slog.DiscardHandler)}, Server: "sync"}
+	c, err := wallet.Dial(ctx, "tower")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r = cli(t, "", "status", "--socket", sock)
+	mustMatch(r.stdout, `(?m)^relay: peers registered: 1; sessions open or being set up: 1$`)
+	r = cli(t, "", "status", "--socket", sock, "--metrics")
+	mustMatch(r.stdout, `(?m)^noisetor_relay_registered\{peer="tower"\} 1$`, `(?m)^noisetor_relay_registered\{peer="wallet"\} 0$`, `(?m)^noisetor_relay_sessions 1$`)
 	cancel()
 	select {
 	case <-done:

@@ -104,21 +104,21 @@ func main() {
 		}
 	}
 
+	// Every registration, request and session is logged by name.
+	srv := &noisetor.RelayServer{Config: cfg, Allow: rules.Allow}
+
 	// Operators ask a running server what it sees: `noisetor status
 	// --socket PATH` (peers, handshakes, failures, refusals, the onion
-	// service) and Prometheus metrics at GET /metrics. The socket is 0600
-	// in a directory that must be private (mode 0700).
+	// service, who is registered) and Prometheus metrics at GET /metrics.
+	// The socket is 0600 in a directory that must be private (mode 0700).
 	if *statusSocket != "" {
 		onion, _ := inner.(*noisetor.OnionListener)
-		st, err := monitor.New(cfg, onion).ServeUnix(*statusSocket)
+		st, err := monitor.New(cfg, onion).WithRelay(srv).ServeUnix(*statusSocket)
 		if err != nil {
 			log.Fatal(err)
 		}
 		defer st.Close()
 	}
-
-	// Every registration, request and session is logged by name.
-	srv := &noisetor.RelayServer{Config: cfg, Allow: rules.Allow}
 	context.AfterFunc(ctx, func() { srv.Close() })
 	log.Printf("syncserver: serving on %s as %s (fingerprint %s)", inner.Addr(), key.PublicKey(), key.PublicKey().Fingerprint())
 	if err := srv.Serve(noisetor.NewListener(inner, cfg)); ctx.Err() == nil {
