@@ -4,9 +4,9 @@
 // onion service is published and reachable.
 //
 // A Monitor reports on one noisetor.Config (and optionally one onion
-// service, and the sync server's relay: WithRelay). Its Handler answers GET /status with a JSON Status, which
-// `noisetor status` prints as a table, and GET /metrics with Prometheus
-// metrics. A long-running program serves it on a Unix socket made by
+// service, and a sync server's relay: WithRelay). Its Handler answers GET
+// /status with a JSON Status, which `noisetor status` prints as a table,
+// and GET /metrics with Prometheus metrics. A long-running program serves it on a Unix socket made by
 // ListenUnix (mode 0600, in a private directory), and the metrics alone, if
 // the operator asks, on a loopback TCP address for Prometheus:
 //
