@@ -246,6 +246,14 @@ func (k *Keyring) ByKey(pub PublicKey) (Peer, bool) {
 	return k.byName[n], true
 }
 
+// stillAccepts reports whether key, which a handshake proved for the peer
+// named name, still authenticates that peer at time now: the keyring may
+// have changed since.
+func (k *Keyring) stillAccepts(name string, key PublicKey, now time.Time) bool {
+	p, ok := k.ByKey(key)
+	return ok && p.Name == name && p.accepts(key, now)
+}
+
 // ByAddress returns the peer whose Address is addr ("host:port"). The
 // address is compared in normalised form, so "XYZ.onion:9000" finds
 // "xyz.onion:9000" and "[::ffff:127.0.0.1]:80" finds "127.0.0.1:80".

@@ -239,8 +239,7 @@ func (l *liveConns) untrack(c *Conn) {
 // stillAccepted reports whether the keyring still accepts the key c proved
 // for the peer it proved it for.
 func (l *liveConns) stillAccepted(c *Conn) bool {
-	q, ok := l.cfg.Keyring.ByKey(c.state.PeerKey)
-	return ok && q.Name == c.state.Peer.Name && q.accepts(c.state.PeerKey, l.cfg.now())
+	return l.cfg.Keyring.stillAccepts(c.state.Peer.Name, c.state.PeerKey, l.cfg.now())
 }
 
 // recheck closes c if its key is no longer accepted, or waits for the end of

@@ -98,6 +98,13 @@ type relayRegistration struct {
 	done  chan struct{}
 }
 
+// current reports whether the keyring still accepts the key reg proved for
+// its peer. One that it does not is being revoked (liveConns): requests are
+// not routed to it, and it replaces no other registration.
+func (s *RelayServer) current(reg *relayRegistration) bool {
+	return s.Config.Keyring.stillAccepts(reg.peer.Name, reg.key, s.Config.now())
+}
+
 func (r *relayRegistration) send(line string) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -263,7 +270,9 @@ func (s *RelayServer) Status() RelayStatus {
 	defer s.mu.Unlock()
 	st := RelayStatus{Sessions: s.sessions}
 	for name, reg := range s.registered {
-		st.Registered = append(st.Registered, RelayRegistered{Peer: name, Since: reg.since})
+		if s.current(reg) {
+			st.Registered = append(st.Registered, RelayRegistered{Peer: name, Since: reg.since})
+		}
 	}
 	slices.SortFunc(st.Registered, func(a, b RelayRegistered) int { return strings.Compare(a.Peer, b.Peer) })
 	return st
@@ -360,7 +369,7 @@ func (s *RelayServer) register(c *Conn, from Peer, start time.Time) {
 	// The keyring may have changed since the handshake: a key revoked or
 	// replaced in between (its connection is being cut) must not replace
 	// the registration of the entry's current key.
-	if q, ok := s.Config.Keyring.ByKey(reg.key); !ok || q.Name != from.Name || !q.accepts(reg.key, s.Config.now()) {
+	if !s.current(reg) {
 		s.mu.Unlock()
 		s.refuse(c, "register", from.Name, "", relayCodeUnknownPeer, "the key this registration proved left the keyring after its handshake", start)
 		return
@@ -510,9 +519,7 @@ func (s *RelayServer) reserveSession(c *Conn, from Peer, arg string, start time.
 	s.sessions++
 	s.perPeer[from.Name]++
 	rs := &relaySession{c: c, from: from, to: to, start: start}
-	// A registration made with a key the entry no longer accepts is being
-	// revoked (liveConns): it is not the target's.
-	if reg := s.registered[to.Name]; reg != nil && to.accepts(reg.key, s.Config.now()) {
+	if reg := s.registered[to.Name]; reg != nil && s.current(reg) {
 		rs.reg = reg
 		rs.token = newRelayToken()
 		rs.pending = &relayPending{to: to.Name, ch: make(chan *Conn, 1)}
