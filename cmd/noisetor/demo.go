@@ -261,18 +261,7 @@ func (d *demo) startNetwork(ctx context.Context) error {
 		return err
 	}
 	for _, r := range demoRoles {
-		rcPath := d.path(r, "role.json")
-		b, err := os.ReadFile(rcPath)
-		if err != nil {
-			return err
-		}
-		var rc roleConfig
-		if err := json.Unmarshal(b, &rc); err != nil {
-			return err
-		}
-		rc.Torrc = n.TorrcLines()
-		b, _ = json.MarshalIndent(rc, "", "  ")
-		if err := os.WriteFile(rcPath, b, 0o600); err != nil {
+		if err := d.editRoleConfig(r, func(rc *roleConfig) { rc.Torrc = n.TorrcLines() }); err != nil {
 			return err
 		}
 	}
@@ -542,12 +531,7 @@ func (d *demo) watched(ctx context.Context, step string) (roleEvent, error) {
 // both keys, and the rotation finished.
 func (d *demo) rotationScenario(ctx context.Context) error {
 	oldKey := d.keys["watchtower"]
-	line, err := d.cli("keygen", "-o", d.path("watchtower", "watchtower-next.key"))
-	if err != nil {
-		return err
-	}
-	newText := strings.Fields(line)[1]
-	newKey, err := noisetor.ParsePublicKey(newText)
+	_, newKey, err := d.keygen("-o", d.path("watchtower", "watchtower-next.key"))
 	if err != nil {
 		return err
 	}
@@ -583,7 +567,7 @@ func (d *demo) rotationScenario(ctx context.Context) error {
 		return nil
 	}
 	d.printf("  The wallet's and the sync server's operators list both keys for an overlap\n  (noisetor keyring rotate ... --until 10m) and reload:\n")
-	if err := rekey("RING", "watchtower", newText, "--until", "10m"); err != nil {
+	if err := rekey("RING", "watchtower", newKey.String(), "--until", "10m"); err != nil {
 		return err
 	}
 
@@ -658,19 +642,7 @@ func (d *demo) restartRole(ctx context.Context, r string, edit func(*roleConfig)
 	if err := d.stopRole(ctx, r); err != nil {
 		return err
 	}
-	b, err := os.ReadFile(d.path(r, "role.json"))
-	if err != nil {
-		return err
-	}
-	var rc roleConfig
-	if err := json.Unmarshal(b, &rc); err != nil {
-		return err
-	}
-	edit(&rc)
-	if b, err = json.MarshalIndent(rc, "", "  "); err != nil {
-		return err
-	}
-	if err := os.WriteFile(d.path(r, "role.json"), b, 0o600); err != nil {
+	if err := d.editRoleConfig(r, edit); err != nil {
 		return err
 	}
 	if err := d.startRole(r); err != nil {

@@ -90,17 +90,13 @@ func (d *demo) makeStaticKeys(tok demoToken) (map[string]string, error) {
 	for _, r := range demoRoles {
 		var args []string
 		if r == "cosigner" {
-			args = append([]string{"keygen"}, tok.args()...)
+			args = tok.args()
 			where[r] = `SoftHSM token "cosigner" (never leaves it)`
 		} else {
-			args = []string{"keygen", "-o", d.path(r, r+".key")}
+			args = []string{"-o", d.path(r, r+".key")}
 			where[r] = r + "/" + r + ".key (mode 0600)"
 		}
-		line, err := d.cli(args...)
-		if err != nil {
-			return nil, err
-		}
-		pub, err := noisetor.ParsePublicKey(strings.Fields(line)[1])
+		line, pub, err := d.keygen(args...)
 		if err != nil {
 			return nil, err
 		}
@@ -115,6 +111,17 @@ func (d *demo) makeStaticKeys(tok demoToken) (map[string]string, error) {
 		d.printf("    %-10s  %s  in %s%s\n", r, d.keys[r].Fingerprint(), where[r], note)
 	}
 	return lines, nil
+}
+
+// keygen runs noisetor keygen with args and returns its ceremony line and
+// the public key in it.
+func (d *demo) keygen(args ...string) (string, noisetor.PublicKey, error) {
+	line, err := d.cli(append([]string{"keygen"}, args...)...)
+	if err != nil {
+		return "", noisetor.PublicKey{}, err
+	}
+	pub, err := noisetor.ParsePublicKey(strings.Fields(line)[1])
+	return line, pub, err
 }
 
 // makeTorKeys makes the listening roles' onion service keys, whose
@@ -225,15 +232,34 @@ func (d *demo) writeRoleConfigs(tok demoToken) error {
 		case "outsider":
 			rc.ClientAuthFile = d.path(r, "stolen-wallet.auth-key")
 		}
-		b, err := json.MarshalIndent(rc, "", "  ")
-		if err != nil {
-			return err
-		}
-		if err := os.WriteFile(d.path(r, "role.json"), b, 0o600); err != nil {
+		if err := d.writeRoleConfig(rc); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// writeRoleConfig writes rc as its role's role.json.
+func (d *demo) writeRoleConfig(rc roleConfig) error {
+	b, err := json.MarshalIndent(rc, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(d.path(rc.Role, "role.json"), b, 0o600)
+}
+
+// editRoleConfig changes role r's role.json with edit.
+func (d *demo) editRoleConfig(r string, edit func(*roleConfig)) error {
+	b, err := os.ReadFile(d.path(r, "role.json"))
+	if err != nil {
+		return err
+	}
+	var rc roleConfig
+	if err := json.Unmarshal(b, &rc); err != nil {
+		return err
+	}
+	edit(&rc)
+	return d.writeRoleConfig(rc)
 }
 
 func randomDigits(n int) (string, error) {
